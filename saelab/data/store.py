@@ -1,0 +1,222 @@
+"""The on-disk activation cache: shards plus a manifest with checksums.
+
+Layout of a cache folder::
+
+    manifest.json            what was harvested (model + hash, sites + widths, dtype,
+                             context, corpus + hash) and the list of complete shards,
+                             each with its token count and sha256
+    shard_00000.safetensors  "ids" [n_ctx, context] int32 token ids,
+                             "special" [n_ctx, context] bool (BOS/pad/chat markers),
+                             one tensor per site "resid_post.12" [n_ctx, context, d]
+
+A shard is written to a temporary name, fsynced and renamed; only then is the
+manifest (also written atomically) told about it. So a crash, Ctrl-C or full
+disk can leave at most an unlisted temporary file, which is deleted on resume,
+and every listed shard is complete. Shards are verified against their sha256
+before they are read, so a truncated or altered shard is named, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from saelab.errors import CorruptFileError, SaelabError, SiteError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """What a cache holds. `identity` must match for a resume to continue it."""
+
+    identity: dict  # model, model_hash, sites {name: width}, dtype, context, corpus, corpus_hash
+    tokens_target: int
+    shards: list[dict] = field(default_factory=list)  # {file, n_contexts, n_tokens, sha256}
+    version: int = FORMAT_VERSION
+
+    @property
+    def n_contexts(self) -> int:
+        return sum(s["n_contexts"] for s in self.shards)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s["n_tokens"] for s in self.shards)
+
+    @property
+    def complete(self) -> bool:
+        return self.n_tokens >= self.tokens_target
+
+    @property
+    def sites(self) -> dict[str, int]:
+        return self.identity["sites"]
+
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "identity": self.identity,
+                           "tokens_target": self.tokens_target, "n_tokens": self.n_tokens,
+                           "shards": self.shards}, indent=1)
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise SaelabError(f"{folder} is not an activation cache: it has no {MANIFEST}. "
+                              "Create one with `saelab harvest --out DIR`.")
+        try:
+            raw = json.loads(path.read_text())
+            return cls(identity=raw["identity"], tokens_target=raw["tokens_target"],
+                       shards=raw["shards"], version=raw["version"])
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CorruptFileError(f"{path} is not a valid activation manifest ({err}). "
+                                   "Delete the folder and harvest again.") from err
+
+
+def identity_diff(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: cached {old.get(k)!r}, asked {new.get(k)!r}" for k in keys
+            if old.get(k) != new.get(k)]
+
+
+class ShardWriter:
+    """Appends complete shards to a cache folder, resuming what is there."""
+
+    def __init__(self, folder: str | Path, identity: dict, tokens_target: int):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if (self.folder / MANIFEST).is_file():
+            self.manifest = Manifest.read(self.folder)
+            diff = identity_diff(self.manifest.identity, identity)
+            if diff:
+                raise SaelabError(
+                    f"{self.folder} already holds a cache harvested differently:\n  "
+                    + "\n  ".join(diff) + "\nUse another --out folder, or delete this one.")
+            self.manifest.tokens_target = max(tokens_target, self.manifest.tokens_target)
+        else:
+            self.manifest = Manifest(identity=identity, tokens_target=tokens_target)
+        self._remove_unlisted()
+        self._commit_manifest()
+
+    def _remove_unlisted(self) -> None:
+        """Delete leftovers of an interrupted write (temp files, shards never listed)."""
+        listed = {s["file"] for s in self.manifest.shards}
+        for path in self.folder.iterdir():
+            partial = path.name.startswith(".") and path.name.endswith(".tmp")
+            orphan = path.name.startswith("shard_") and path.name not in listed
+            if partial or orphan:
+                path.unlink()
+
+    def _commit_manifest(self) -> None:
+        atomic_write_text(self.folder / MANIFEST, self.manifest.to_json())
+
+    def append(self, ids: torch.Tensor, special: torch.Tensor, acts: dict[str, torch.Tensor]
+               ) -> None:
+        name = f"shard_{len(self.manifest.shards):05d}.safetensors"
+        tensors = {"ids": ids.to(torch.int32).contiguous(), "special": special.contiguous()}
+        tensors |= {site: a.contiguous() for site, a in acts.items()}
+        tmp = self.folder / f".{name}.tmp"
+        save_file(tensors, str(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        digest = file_sha256(tmp)
+        os.replace(tmp, self.folder / name)
+        n_tokens = int((~special).sum())
+        self.manifest.shards.append({"file": name, "n_contexts": ids.shape[0],
+                                     "n_tokens": n_tokens, "sha256": digest})
+        self._commit_manifest()
+
+
+class ActivationStore:
+    """Reads a cache: whole shards, or shuffled batches of one site's activations."""
+
+    def __init__(self, folder: str | Path, verify: bool = True):
+        self.folder = Path(folder)
+        self.manifest = Manifest.read(self.folder)
+        self.verify = verify
+        self._verified: set[str] = set()
+
+    @property
+    def sites(self) -> dict[str, int]:
+        return self.manifest.sites
+
+    def _check_site(self, site: str) -> None:
+        if site not in self.sites:
+            raise SiteError(f"the cache {self.folder} holds sites {list(self.sites)}, not {site!r}.")
+
+    def load_shard(self, i: int) -> dict[str, torch.Tensor]:
+        entry = self.manifest.shards[i]
+        path = self.folder / entry["file"]
+        if not path.is_file():
+            raise CorruptFileError(f"shard {path} listed in the manifest is missing. "
+                                   "Run the same harvest command again to recreate the cache.")
+        if self.verify and entry["file"] not in self._verified:
+            if file_sha256(path) != entry["sha256"]:
+                raise CorruptFileError(
+                    f"shard {path} is corrupt or truncated (its sha256 does not match the "
+                    "manifest); it was not read. Delete it and its manifest entry, or the "
+                    "folder, and harvest again.")
+            self._verified.add(entry["file"])
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises several types on bad headers
+            raise CorruptFileError(f"shard {path} could not be read: {err}") from err
+
+    def batches(self, site: str, batch_size: int, *, seed: int = 0, epochs: int = 1,
+                drop_special: bool = True, dtype: torch.dtype = torch.float32,
+                rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+        """Shuffled [batch_size, d] rows of `site`, special tokens left out.
+
+        Shards come in a seeded random order and the rows of two consecutive
+        shards are mixed, so a batch holds tokens from different documents and
+        positions. With `world_size` > 1 each rank reads a disjoint share of
+        every batch-sized chunk, so ranks see different data of equal size.
+        """
+        self._check_site(site)
+        gen = torch.Generator().manual_seed(seed)
+        buffer = torch.empty(0, self.sites[site], dtype=dtype)
+        step = batch_size * world_size
+        for _ in range(epochs):
+            for i in torch.randperm(len(self.manifest.shards), generator=gen).tolist():
+                shard = self.load_shard(i)
+                rows = shard[site].reshape(-1, self.sites[site]).to(dtype)
+                if drop_special:
+                    rows = rows[~shard["special"].reshape(-1)]
+                buffer = torch.cat([buffer, rows])
+                buffer = buffer[torch.randperm(len(buffer), generator=gen)]
+                # keep up to one shard's rows back so the next shard mixes with them
+                while len(buffer) >= step + len(rows):
+                    chunk, buffer = buffer[:step], buffer[step:]
+                    yield chunk[rank * batch_size:(rank + 1) * batch_size]
+        while len(buffer) >= step:
+            chunk, buffer = buffer[:step], buffer[step:]
+            yield chunk[rank * batch_size:(rank + 1) * batch_size]
+
+    def tokens(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(ids, special) of every shard in order, for dashboards."""
+        for i in range(len(self.manifest.shards)):
+            shard = self.load_shard(i)
+            yield shard["ids"], shard["special"]

