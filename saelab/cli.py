@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -73,6 +74,64 @@ def models_pull(name: str) -> None:
     with console.status(f"preparing {name} (dequantizing once takes about half a minute)"):
         folder = pull(name)
     console.print(f"{name} is ready: {folder}")
+
+
+@app.command()
+@user_errors
+def sites(model: Annotated[str, typer.Argument(help="Embedded name, HF id, folder or .gguf.")],
+          json: JsonFlag = False) -> None:
+    """Every site of a model with its width."""
+    from saelab.models.load import load_model
+    from saelab.models.sites import list_sites
+
+    lm = load_model(model)
+    rows = [{"site": s.name, "alias": s.tl_name, "width": w} for s, w in list_sites(lm.arch)]
+    if json:
+        return emit_json(rows)
+    table = Table("site", "TransformerLens name", "width", title=f"{model}: {lm.arch.family}, "
+                  f"{lm.arch.n_layers} layers, d_model {lm.arch.d_model}")
+    for r in rows:
+        table.add_row(r["site"], r["alias"], str(r["width"]))
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def harvest(
+    sites: Annotated[str, typer.Option(help="Sites: names, aliases or globs, comma separated.")],
+    out: Annotated[Path, typer.Option(help="Cache folder (rerun the same command to resume).")],
+    model: ModelOpt = "smollm2-135m-instruct",
+    corpus: Annotated[str, typer.Option(help="builtin, a .txt/.jsonl/.parquet file, hf:NAME")] = "builtin",
+    tokens: Annotated[int, typer.Option(help="Tokens to record per site.")] = 100_000,
+    context: Annotated[int, typer.Option(help="Tokens per context.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Contexts per forward pass.")] = 16,
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = "auto",
+    store_dtype: Annotated[str, typer.Option(help="Stored dtype.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    json: JsonFlag = False,
+) -> None:
+    """Record activations at sites into a sharded, checksummed cache."""
+    from saelab.console import progress
+    from saelab.data.harvest import HarvestConfig
+    from saelab.data.harvest import harvest as run_harvest
+    from saelab.models.load import load_model
+
+    config = HarvestConfig(sites=sites, corpus=corpus, tokens=tokens, context=context,
+                           batch_size=batch_size, store_dtype=store_dtype)
+    lm = load_model(model, dtype=dtype, device=device)
+    with progress() as bar:
+        task = bar.add_task("harvest", total=tokens, info="")
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=min(done, total), info=f"{done:,} tokens")
+
+        manifest = run_harvest(lm, config, out, on_progress=update)
+    summary = {"out": str(out), "tokens": manifest.n_tokens, "shards": len(manifest.shards),
+               "sites": manifest.sites}
+    if json:
+        return emit_json(summary)
+    console.print(f"harvested {manifest.n_tokens:,} tokens at {', '.join(manifest.sites)} "
+                  f"into {out} ({len(manifest.shards)} shards)")
 
 
 def main() -> None:  # `python -m saelab`

@@ -1,0 +1,121 @@
+"""Harvest: model + sites + corpus -> an activation cache on disk.
+
+One forward pass per batch feeds every site, and the forward stops right
+after the deepest site, so harvesting layer 12 of a 30-layer model costs
+about 40% of a full pass. Each shard is complete or absent (see store.py), so
+re-running the same command resumes after the last complete shard and
+produces exactly what an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saelab.data.corpus import load_corpus
+from saelab.data.store import Manifest, ShardWriter
+from saelab.data.tokens import pack
+from saelab.errors import SaelabError
+from saelab.models.hooks import capture
+from saelab.models.load import LM
+from saelab.models.sites import resolve_sites, site_width
+from saelab.precision import DTYPES, dtype_name
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    sites: str | tuple[str, ...]
+    """Sites to record: names, aliases, globs (`resid_post.12`, `attn_z.*`)."""
+    corpus: str = "builtin"
+    """Text source: `builtin`, a .txt/.jsonl/.parquet file, or `hf:org/name`."""
+    tokens: int = 100_000
+    """Tokens to record per site (special tokens not counted)."""
+    context: int = 128
+    """Tokens per context."""
+    batch_size: int = 16
+    """Contexts per forward pass."""
+    shard_tokens: int = 65_536
+    """Tokens per shard file; a shard is the unit of resume."""
+    store_dtype: str = "float32"
+    """Dtype activations are stored in (float32, bfloat16 or float16)."""
+
+    def __post_init__(self):
+        if self.tokens <= 0 or self.context < 2 or self.batch_size <= 0:
+            raise ValueError("tokens and batch_size must be positive and context at least 2, got "
+                             f"tokens={self.tokens}, context={self.context}, "
+                             f"batch_size={self.batch_size}")
+        if self.store_dtype not in DTYPES:
+            raise ValueError(f"store_dtype={self.store_dtype!r}; allowed: {', '.join(DTYPES)}")
+
+
+def harvest(lm: LM, config: HarvestConfig, out: str | Path,
+            on_progress: Callable[[int, int], None] | None = None) -> Manifest:
+    """Record activations into `out`, resuming what is already there.
+
+    `on_progress(tokens_done, tokens_target)` is called after every batch.
+    """
+    sites = resolve_sites(lm.arch, config.sites)
+    corpus = load_corpus(config.corpus)
+    store_dtype = DTYPES[config.store_dtype]
+    identity = {**lm.provenance(), "sites": {s.name: site_width(lm.arch, s) for s in sites},
+                "store_dtype": dtype_name(store_dtype), "context": config.context,
+                "corpus": corpus.name, "corpus_hash": corpus.sha256}
+    writer = ShardWriter(out, identity, tokens_target=config.tokens)
+    manifest = writer.manifest
+    if on_progress:
+        on_progress(manifest.n_tokens, config.tokens)
+    if manifest.n_tokens >= config.tokens:
+        return manifest
+
+    contexts_per_shard = max(1, config.shard_tokens // config.context)
+    pending: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
+    pending_tokens = 0
+    done = manifest.n_tokens
+    # Resume: skip exactly the contexts already stored; packing is deterministic.
+    batches = pack(corpus, lm.tokenizer, config.context, batch_size=config.batch_size,
+                   skip=manifest.n_contexts)
+    try:
+        for ids, special in batches:
+            acts = _forward(lm, sites, ids, store_dtype)
+            pending.append((ids, special, acts))
+            pending_tokens += int((~special).sum())
+            n_ctx = sum(p[0].shape[0] for p in pending)
+            last = done + pending_tokens >= config.tokens
+            if n_ctx >= contexts_per_shard or last:
+                _flush(writer, pending)
+                done += pending_tokens
+                pending, pending_tokens = [], 0
+            if on_progress:
+                on_progress(done + pending_tokens, config.tokens)
+            if last:
+                break
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise SaelabError(f"the disk holding {out} is full. {len(manifest.shards)} complete "
+                              "shards are kept; free space and rerun the same command to resume."
+                              ) from err
+        raise
+    if done < config.tokens:
+        raise SaelabError(f"corpus {corpus.name!r} ran out after {done} tokens; asked for "
+                          f"{config.tokens}. Ask for fewer tokens or use a larger corpus.")
+    return manifest
+
+
+@torch.inference_mode()
+def _forward(lm: LM, sites, ids: torch.Tensor, store_dtype: torch.dtype
+             ) -> dict[str, torch.Tensor]:
+    ids = ids.to(lm.device)
+    with capture(lm.model, sites, arch=lm.arch, stop_early=True) as cap:
+        cap.run(input_ids=ids, use_cache=False)
+    return {name: a.to("cpu", store_dtype) for name, a in cap.acts.items()}
+
+
+def _flush(writer: ShardWriter, pending) -> None:
+    ids = torch.cat([p[0] for p in pending])
+    special = torch.cat([p[1] for p in pending])
+    acts = {site: torch.cat([p[2][site] for p in pending]) for site in pending[0][2]}
+    writer.append(ids, special, acts)
