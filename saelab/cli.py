@@ -19,6 +19,15 @@ models_app = typer.Typer(help="Embedded models: list them, make them ready.",
                          invoke_without_command=True)
 app.add_typer(models_app, name="models")
 
+
+def _mount_subapps() -> None:
+    from saelab.sae.commands import app as sae_app
+
+    app.add_typer(sae_app, name="sae")
+
+
+_mount_subapps()
+
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Embedded name, HF id, folder or .gguf.")]
 
@@ -111,21 +120,12 @@ def harvest(
     json: JsonFlag = False,
 ) -> None:
     """Record activations at sites into a sharded, checksummed cache."""
-    from saelab.console import progress
     from saelab.data.harvest import HarvestConfig
-    from saelab.data.harvest import harvest as run_harvest
     from saelab.models.load import load_model
 
     config = HarvestConfig(sites=sites, corpus=corpus, tokens=tokens, context=context,
                            batch_size=batch_size, store_dtype=store_dtype)
-    lm = load_model(model, dtype=dtype, device=device)
-    with progress() as bar:
-        task = bar.add_task("harvest", total=tokens, info="")
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=min(done, total), info=f"{done:,} tokens")
-
-        manifest = run_harvest(lm, config, out, on_progress=update)
+    manifest = _harvest_with_progress(load_model(model, dtype=dtype, device=device), config, out)
     summary = {"out": str(out), "tokens": manifest.n_tokens, "shards": len(manifest.shards),
                "sites": manifest.sites}
     if json:
@@ -133,6 +133,121 @@ def harvest(
     console.print(f"harvested {manifest.n_tokens:,} tokens at {', '.join(manifest.sites)} "
                   f"into {out} ({len(manifest.shards)} shards)")
 
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SaelabError(f"--{name} takes comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+@user_errors
+def train(
+    out: Annotated[Path, typer.Option(help="Run folder: run.json, metrics.jsonl, one folder per SAE.")],
+    sites: Annotated[str, typer.Option(help="Sites, comma separated (one SAE per site x width x k).")] = "resid_post.12",
+    model: ModelOpt = "smollm2-135m-instruct",
+    cache: Annotated[Path | None, typer.Option(help="Train from this activation cache instead of harvesting.")] = None,
+    arch: Annotated[str, typer.Option(help="relu, jumprelu, topk or batchtopk.")] = "batchtopk",
+    width: Annotated[str, typer.Option(help="Latents; several comma separated.")] = "4608",
+    k: Annotated[str, typer.Option(help="Active latents per token (top-k family); several ok.")] = "32",
+    l1: Annotated[float, typer.Option(help="L1 coefficient (relu).")] = 0.1,
+    l0_coef: Annotated[float, typer.Option(help="L0 coefficient (jumprelu).")] = 1e-2,
+    tokens: Annotated[int, typer.Option(help="Training tokens.")] = 2_000_000,
+    corpus: Annotated[str, typer.Option(help="Corpus to harvest when no --cache is given.")] = "builtin",
+    context: Annotated[int, typer.Option(help="Tokens per context when harvesting.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Tokens per optimizer step.")] = 4096,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default depends on arch, width).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
+    dtype: Annotated[str, typer.Option(help="SAE compute dtype: auto, float32, bfloat16.")] = "auto",
+    checkpoint_every: Annotated[int, typer.Option(help="Tokens between checkpoints.")] = 500_000,
+    deterministic: Annotated[bool, typer.Option(help="Deterministic kernels (exact resume).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    json: JsonFlag = False,
+) -> None:
+    """Train SAEs: several sites, widths or k from one activation stream."""
+    from saelab.train.config import SAESpec, TrainConfig
+    from saelab.train.trainer import fmt_stats
+    from saelab.train.trainer import train as run_train
+
+    site_list = [s.strip() for s in sites.split(",") if s.strip()]
+    if cache is None:
+        cache = out / "cache"
+        from saelab.data.harvest import HarvestConfig
+        from saelab.models.load import load_model
+
+        # bf16 storage halves the disk a training cache takes; SAE training does not
+        # notice the rounding (about 3 significant digits).
+        _harvest_with_progress(load_model(model, device=device),
+                               HarvestConfig(sites=tuple(site_list), corpus=corpus, tokens=tokens,
+                                             context=context, store_dtype="bfloat16"), cache)
+    from saelab.data.store import ActivationStore
+
+    store_sites = ActivationStore(cache, verify=False).sites
+    canonical = _canonical_sites(site_list, store_sites)
+    specs = tuple(SAESpec(site, arch=arch, width=w, k=kk, l1=l1, l0_coef=l0_coef)
+                  for site in canonical for w in _ints(width, "width")
+                  for kk in (_ints(k, "k") if arch in ("topk", "batchtopk") else [32]))
+    try:
+        cfg = TrainConfig(saes=specs, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
+                          dtype=dtype, checkpoint_every=checkpoint_every,
+                          deterministic=deterministic)
+    except ValueError as err:
+        raise SaelabError(str(err)) from None
+    from saelab.console import progress
+
+    with progress() as bar:
+        task = bar.add_task("train", total=cfg.steps * cfg.batch_size, info="")
+
+        def update(done: int, total: int, stats: dict) -> None:
+            bar.update(task, completed=done, info=fmt_stats(stats))
+
+        result = run_train(cfg, cache, out, resume=resume, on_progress=update)
+    summary = {"out": str(out), "tokens_per_s": result.tokens_per_second,
+               "saes": {label: {"dir": str(result.sae_dirs[label]), **result.final.get(label, {})}
+                        for label in result.sae_dirs}}
+    if json:
+        return emit_json(summary)
+    table = Table("SAE", "L0", "FVU", "dead", "folder", title=f"trained at {result.tokens_per_second:,.0f} tokens/s")
+    for label, row in summary["saes"].items():
+        table.add_row(label, f"{row.get('l0', 0):.1f}", f"{row.get('fvu', 0):.3f}",
+                      f"{row.get('dead', 0):.3f}", row["dir"])
+    console.print(table)
+
+
+def _canonical_sites(names: list[str], available: dict[str, int]) -> list[str]:
+    """Map user site names (aliases included) onto the cache's canonical names."""
+    from saelab.errors import SiteError
+    from saelab.models.sites import Site
+
+    out = []
+    for name in names:
+        if name in available:
+            out.append(name)
+            continue
+        try:
+            site = Site.parse(name)
+        except SiteError:
+            site = None
+        if site is None or site.name not in available:
+            raise SaelabError(f"site {name!r} is not in the activation cache, which holds "
+                              f"{', '.join(available)}.")
+        out.append(site.name)
+    return out
+
+
+def _harvest_with_progress(lm, config, out: Path):
+    from saelab.console import progress
+    from saelab.data.harvest import harvest as run_harvest
+
+    with progress() as bar:
+        task = bar.add_task("harvest", total=config.tokens, info="")
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=min(done, total), info=f"{done:,} tokens")
+
+        return run_harvest(lm, config, out, on_progress=update)
 
 def main() -> None:  # `python -m saelab`
     app(prog_name="saelab")

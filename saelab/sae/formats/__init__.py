@@ -1,0 +1,153 @@
+"""Read and write SAEs in the common file formats; `load_sae` finds out which.
+
+Detection, for a folder (a file path means its folder; first rule that matches):
+
+    params.npz                          gemma-scope     (Gemma Scope 1)
+    params.safetensors                  gemma-scope-2   (Gemma Scope 2; config.json optional)
+    cfg.json + sae_weights.safetensors  saelens         (native, SAELens v6)
+    cfg.json + sae.safetensors          sparsify
+    ae.pt                               dictionary-learning  (torch.load(weights_only=True))
+
+A folder holding only pickle-based weights (.pt/.pth/.pkl/.bin/.ckpt) is refused
+(UnsafeFileError); a folder holding several SAEs lists them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import Tensor
+
+from saelab.errors import UnsafeFileError
+from saelab.sae.base import SAE
+from saelab.sae.formats import dictionary_learning, gemma_scope, native, sparsify
+from saelab.sae.formats._common import PICKLE_SUFFIXES, FormatError
+
+FORMATS = ("saelens", "gemma-scope", "gemma-scope-2", "sparsify", "dictionary-learning")
+WRITABLE = ("saelens", "gemma-scope", "gemma-scope-2", "sparsify")
+_ALIASES = {
+    "native": "saelens",
+    "sae-lens": "saelens",
+    "gemma-scope-1": "gemma-scope",
+    "dictionary_learning": "dictionary-learning",
+}
+
+_READERS = {
+    "saelens": native.read,
+    "gemma-scope": gemma_scope.read_v1,
+    "gemma-scope-2": gemma_scope.read_v2,
+    "sparsify": sparsify.read,
+    "dictionary-learning": dictionary_learning.read,
+}
+
+
+def canonical_format(name: str) -> str:
+    fmt = _ALIASES.get(name, name)
+    if fmt not in FORMATS:
+        raise FormatError(f"unknown SAE format {name!r}; known formats are {', '.join(FORMATS)}")
+    return fmt
+
+
+def _match(folder: Path) -> str | None:
+    has = lambda name: (folder / name).is_file()  # noqa: E731
+    if has(gemma_scope.NPZ):
+        return "gemma-scope"
+    if has(gemma_scope.V2_WEIGHTS):
+        return "gemma-scope-2"
+    if has(native.CFG) and has(native.WEIGHTS):
+        return "saelens"
+    if has(sparsify.CFG) and has(sparsify.WEIGHTS):
+        return "sparsify"
+    if has(dictionary_learning.WEIGHTS):
+        return "dictionary-learning"
+    return None
+
+
+def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
+    """(format, folder) of the SAE at `path` (a folder, or any file inside it)."""
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"{p} does not exist")
+    folder = p if p.is_dir() else p.parent
+    fmt = _match(folder)
+    if fmt:
+        return fmt, folder
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeFileError(
+            f"{folder} holds only pickle-based weights ({', '.join(pickles)}); unpickling can "
+            "run arbitrary code, so saelab refuses them. Re-save the SAE as safetensors "
+            "(e.g. SAELens's save_model, or safetensors.torch.save_file on its state dict)."
+        )
+    inside = sorted(
+        str(d.relative_to(folder)) for d in folder.glob("**/") if d != folder and _match(d)
+    )
+    if inside:
+        shown = ", ".join(inside[:12]) + (
+            f", ... ({len(inside)} in all)" if len(inside) > 12 else ""
+        )
+        raise FormatError(f"{folder} holds several SAEs; pass one of its folders: {shown}")
+    raise FormatError(
+        f"no SAE found at {p}: expected params.npz (Gemma Scope), params.safetensors "
+        "(Gemma Scope 2), cfg.json + sae_weights.safetensors (SAELens), cfg.json + "
+        "sae.safetensors (sparsify) or ae.pt (dictionary_learning)"
+    )
+
+
+def load_sae(
+    path: str | os.PathLike[str], *, format: str | None = None, dtype: str | None = None
+) -> SAE:
+    """Load the SAE at `path` in whichever format it is (or `format`).
+
+    `dtype` ("float32", "bfloat16", ...) overrides the file's dtype. Every tensor is
+    checked (names, shapes, finite values) before anything is built.
+    """
+    if format is None:
+        fmt, folder = detect_format(path)
+    else:
+        fmt, p = canonical_format(format), Path(path)
+        folder = p if p.is_dir() else p.parent
+    return _READERS[fmt](folder, dtype=dtype)
+
+
+def save_sae(
+    sae: SAE,
+    path: str | os.PathLike[str],
+    format: str = "saelens",
+    *,
+    log_sparsity: Tensor | None = None,
+) -> Path:
+    """Write `sae` into folder `path` (created if needed); returns the folder.
+
+    Each file is written to a temporary name and renamed into place. Formats that
+    cannot express the SAE raise FormatError before anything is written: Gemma
+    Scope holds JumpReLU (and so ReLU, BatchTopK) SAEs, sparsify TopK SAEs.
+    `log_sparsity` (log10 firing frequency per feature) is stored by saelens only.
+    """
+    fmt = canonical_format(format)
+    folder = Path(path)
+    if fmt == "saelens":
+        native.write(sae, folder, log_sparsity=log_sparsity)
+    elif fmt == "gemma-scope":
+        gemma_scope.write_v1(sae, folder)
+    elif fmt == "gemma-scope-2":
+        gemma_scope.write_v2(sae, folder)
+    elif fmt == "sparsify":
+        sparsify.write(sae, folder)
+    else:
+        raise FormatError(
+            f"saelab reads {fmt} files but does not write them; pick one of {', '.join(WRITABLE)}"
+        )
+    return folder
+
+
+__all__ = [
+    "FORMATS",
+    "WRITABLE",
+    "FormatError",
+    "detect_format",
+    "load_sae",
+    "save_sae",
+    "canonical_format",
+]

@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+from synthetic import write_synthetic_cache
+
+from saelab.errors import SaelabError, ShapeMismatchError
+from saelab.sae.formats import load_sae
+from saelab.train.config import SAESpec, TrainConfig
+from saelab.train.trainer import train
+
+TOKENS = 40_960
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synthetic")
+    dictionary = write_synthetic_cache(folder, n_tokens=TOKENS)
+    return folder, dictionary
+
+
+def config(arch="topk", **kw) -> TrainConfig:
+    spec = SAESpec("resid_post.0", arch=arch, width=128, k=3)
+    base = dict(saes=(spec,), tokens=TOKENS, batch_size=512, warmup_steps=10, lr=3e-3,
+                dead_tokens=5000, checkpoint_every=0)
+    return TrainConfig(**(base | kw))
+
+
+def mcs(true, learned):
+    w = learned / learned.norm(dim=1, keepdim=True)
+    return (true @ w.T).max(dim=1).values.mean().item()
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_topk_family_recovers_the_true_dictionary(cache, tmp_path, arch):
+    folder, dictionary = cache
+    result = train(config(arch, tokens=2 * TOKENS), folder, tmp_path)
+    stats = result.final[f"resid_post.0-{arch}-128-k3"]
+    assert stats["fvu"] < 0.35 and stats["l0"] == pytest.approx(3, abs=0.01)
+    sae = load_sae(result.sae_dirs[f"resid_post.0-{arch}-128-k3"])
+    assert mcs(dictionary, sae.W_dec.detach()) > 0.8
+
+
+def test_saved_sae_takes_raw_activations(tmp_path):
+    """Training sees inputs scaled to unit norm; the saved SAE takes the raw ones."""
+    from synthetic import sparse_data
+
+    write_synthetic_cache(tmp_path / "cache", n_tokens=TOKENS, scale=7.0)
+    result = train(config(), tmp_path / "cache", tmp_path)
+    trained_fvu = next(iter(result.final.values()))["fvu"]
+    sae = load_sae(next(iter(result.sae_dirs.values())))
+    x = sparse_data(TOKENS + 4096)[0][-4096:] * 7.0  # unseen rows, same dictionary
+    fvu = ((sae(x).x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert fvu == pytest.approx(trained_fvu, abs=0.08)
+    meta = json.loads((next(iter(result.sae_dirs.values())) / "cfg.json").read_text())["metadata"]
+    assert meta["site"] == "resid_post.0" and meta["tokens_trained"] == TOKENS
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_dense_architectures_train(cache, tmp_path, arch):
+    folder, _ = cache
+    result = train(config(arch), folder, tmp_path)
+    stats = next(iter(result.final.values()))
+    assert stats["fvu"] < 0.5 and stats["loss"] == stats["loss"]  # finite
+    load_sae(next(iter(result.sae_dirs.values())))
+
+
+def test_several_saes_share_one_stream(cache, tmp_path):
+    folder, _ = cache
+    specs = (SAESpec("resid_post.0", "topk", 64, k=3), SAESpec("resid_post.0", "topk", 128, k=3))
+    result = train(config(saes=specs), folder, tmp_path)
+    assert len(result.sae_dirs) == 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["sae"] for r in rows} == {s.label for s in specs}
+
+
+def test_resume_ends_with_the_same_weights(cache, tmp_path):
+    folder, _ = cache
+    cfg = config(checkpoint_every=10_240, deterministic=True)
+    whole = train(cfg, folder, tmp_path / "whole")
+
+    class Stop(Exception):
+        pass
+
+    def stop_midway(done, total, stats):
+        if done >= 25_000:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, folder, tmp_path / "parts", on_progress=stop_midway)
+    assert (tmp_path / "parts" / "ckpt" / "latest.json").is_file()
+    resumed = train(cfg, folder, tmp_path / "parts", resume=True)
+    a = load_sae(next(iter(whole.sae_dirs.values())))
+    b = load_sae(next(iter(resumed.sae_dirs.values())))
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+
+
+def test_resume_with_a_changed_config_is_refused(cache, tmp_path):
+    folder, _ = cache
+    train(config(), folder, tmp_path)
+    with pytest.raises(SaelabError, match="batch_size: was 512, now 1024"):
+        train(config(batch_size=1024), folder, tmp_path, resume=True)
+    with pytest.raises(SaelabError, match="already holds a training run"):
+        train(config(), folder, tmp_path)
+
+
+def test_wrong_site_is_refused(cache, tmp_path):
+    folder, _ = cache
+    with pytest.raises(ShapeMismatchError, match="resid_post.0"):
+        train(config(saes=(SAESpec("attn_z.3", "topk", 64, k=3),)), folder, tmp_path)
+
+
+def test_nan_batches_are_skipped_then_refused(tmp_path):
+    from saelab.data.store import ShardWriter
+
+    writer = ShardWriter(tmp_path / "c", {"sites": {"resid_post.0": 8}, "model": "m",
+                                          "model_hash": "", "corpus": "", "corpus_hash": "",
+                                          "context": 8}, tokens_target=1)
+    x = torch.randn(64, 8, 8)
+    x[:, 2, 3] = float("nan")  # a NaN in every context: every batch is poisoned
+    writer.append(torch.zeros(64, 8, dtype=torch.long), torch.zeros(64, 8, dtype=torch.bool),
+                  {"resid_post.0": x})
+    spec = SAESpec("resid_post.0", "topk", 16, k=2)
+    with pytest.raises(SaelabError, match="NaN/inf"):
+        train(TrainConfig(saes=(spec,), tokens=4096, batch_size=64, nan_limit=3),
+              tmp_path / "c", tmp_path / "run")
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="arch='gated'"):
+        SAESpec("resid_post.0", arch="gated")
+    with pytest.raises(ValueError, match="k <= width"):
+        SAESpec("resid_post.0", width=8, k=16)
