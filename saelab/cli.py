@@ -163,25 +163,41 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Tokens between checkpoints.")] = 500_000,
     deterministic: Annotated[bool, typer.Option(help="Deterministic kernels (exact resume).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
+    shard_sites: Annotated[bool, typer.Option(help="Under torchrun: each rank trains its own SAEs.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     json: JsonFlag = False,
 ) -> None:
-    """Train SAEs: several sites, widths or k from one activation stream."""
+    """Train SAEs: several sites, widths or k from one activation stream.
+
+    Under `torchrun --nproc-per-node N -m saelab train ...` training is data
+    parallel (each rank harvests and trains on its own slice of the corpus),
+    or site sharded with --shard-sites.
+    """
     from saelab.train.config import SAESpec, TrainConfig
+    from saelab.train.distributed import from_env
     from saelab.train.trainer import fmt_stats
     from saelab.train.trainer import train as run_train
 
+    dist = from_env(device)
     site_list = [s.strip() for s in sites.split(",") if s.strip()]
+    cache_per_rank = cache is None and dist.active and not shard_sites
     if cache is None:
-        cache = out / "cache"
         from saelab.data.harvest import HarvestConfig
         from saelab.models.load import load_model
 
-        # bf16 storage halves the disk a training cache takes; SAE training does not
-        # notice the rounding (about 3 significant digits).
-        _harvest_with_progress(load_model(model, device=device),
-                               HarvestConfig(sites=tuple(site_list), corpus=corpus, tokens=tokens,
-                                             context=context, store_dtype="bfloat16"), cache)
+        # Data parallel: rank r harvests contexts r, r+N, ... into its own cache, its
+        # share of the tokens. bf16 storage halves the disk a training cache takes; SAE
+        # training does not notice the rounding (about 3 significant digits).
+        cache = out / "cache" / (f"rank_{dist.rank}" if cache_per_rank else "")
+        share = tokens // dist.world_size if cache_per_rank else tokens
+        if cache_per_rank or dist.is_main:
+            _harvest_with_progress(
+                load_model(model, device=device),
+                HarvestConfig(sites=tuple(site_list), corpus=corpus, tokens=share,
+                              context=context, store_dtype="bfloat16"), cache,
+                rank=dist.rank if cache_per_rank else 0,
+                world_size=dist.world_size if cache_per_rank else 1)
+        dist.barrier()
     from saelab.data.store import ActivationStore
 
     store_sites = ActivationStore(cache, verify=False).sites
@@ -198,12 +214,16 @@ def train(
     from saelab.console import progress
 
     with progress() as bar:
-        task = bar.add_task("train", total=cfg.steps * cfg.batch_size, info="")
+        task = bar.add_task("train", total=cfg.steps * cfg.batch_size, info="",
+                            visible=dist.is_main)
 
         def update(done: int, total: int, stats: dict) -> None:
             bar.update(task, completed=done, info=fmt_stats(stats))
 
-        result = run_train(cfg, cache, out, resume=resume, on_progress=update)
+        result = run_train(cfg, cache, out, resume=resume, on_progress=update, dist=dist,
+                           shard_sites=shard_sites, cache_per_rank=cache_per_rank)
+    if not dist.is_main:
+        return
     summary = {"out": str(out), "tokens_per_s": result.tokens_per_second,
                "saes": {label: {"dir": str(result.sae_dirs[label]), **result.final.get(label, {})}
                         for label in result.sae_dirs}}
@@ -237,17 +257,18 @@ def _canonical_sites(names: list[str], available: dict[str, int]) -> list[str]:
     return out
 
 
-def _harvest_with_progress(lm, config, out: Path):
+def _harvest_with_progress(lm, config, out: Path, rank: int = 0, world_size: int = 1):
     from saelab.console import progress
     from saelab.data.harvest import harvest as run_harvest
 
     with progress() as bar:
-        task = bar.add_task("harvest", total=config.tokens, info="")
+        task = bar.add_task("harvest", total=config.tokens, info="", visible=rank == 0)
 
         def update(done: int, total: int) -> None:
             bar.update(task, completed=min(done, total), info=f"{done:,} tokens")
 
-        return run_harvest(lm, config, out, on_progress=update)
+        return run_harvest(lm, config, out, on_progress=update, rank=rank,
+                           world_size=world_size)
 
 def main() -> None:  # `python -m saelab`
     app(prog_name="saelab")

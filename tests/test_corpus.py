@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -12,47 +13,167 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import saelab.data.builtin as builtin_mod
 import saelab.data.corpus as corpus_mod
-from saelab.data.corpus import Corpus, builtin_corpus, load_corpus
+from saelab.data.builtin import builtin_manifest
+from saelab.data.corpus import Corpus, load_corpus
 from saelab.errors import CorruptFileError, OfflineError, SaelabError
 
 DOCS = ["First document.\nIt has two lines.", "Second one,\n\nwith a paragraph break.",
         "Third: ünïcode ✓"]
 
 
-def test_builtin_is_large_clean_and_stable():
-    corpus = load_corpus("builtin")
+def _check_clean(docs):
+    assert all(len(d) >= 200 and d == d.strip() and "\n\n\n" not in d and "\0" not in d
+               for d in docs)
+    assert len({" ".join(d.split()) for d in docs}) == len(docs)  # deduplicated
+
+
+def test_builtin_stdlib_is_clean_and_deterministic():
+    corpus = load_corpus("builtin:stdlib")
+    assert (corpus.name, corpus.kind, corpus.hash_kind) == ("builtin:stdlib", "builtin", "content")
     docs = list(corpus)
     stats = corpus.stats()
     assert stats.n_chars > 1_000_000 and stats.n_docs == len(docs) > 500
-    assert all(len(d) >= 200 and d == d.strip() and "\n\n\n" not in d for d in docs)
-    assert len({" ".join(d.split()) for d in docs}) == len(docs)  # deduplicated
-    # Both sources are there, interleaved rather than one after the other.
+    _check_clean(docs)
+    # Topics and docstrings, interleaved rather than one after the other.
     is_topic = ["****" in d.splitlines()[1] if "\n" in d else False for d in docs]
-    assert 20 < sum(is_topic[:200]) < 180
-    # Recomputed from scratch: same documents, same hash.
-    corpus_mod._builtin_docs.cache_clear()
-    again = builtin_corpus()
-    assert again.sha256 == corpus.sha256 and list(again) == docs
-
-
-def test_builtin_hash_is_stable_across_processes():
-    # A different string-hash seed must not change the order or the content.
-    code = "from saelab.data.corpus import builtin_corpus; print(builtin_corpus().sha256)"
+    assert 10 < sum(is_topic[:200]) < 150
+    assert any(d.startswith("json.decoder.JSONDecoder\n") for d in docs)
+    manifest = builtin_manifest("builtin:stdlib")
+    assert [s["source"] for s in manifest["sources"]] == ["pydoc_data.topics", "stdlib"]
+    assert manifest["fingerprint"]["packages"] == {}
+    # Built from scratch in another process, with another string-hash seed: the same
+    # documents as the (usually cached) corpus above.
+    code = ("from saelab.data.builtin import build; from saelab.data.corpus import Corpus; "
+            "print(Corpus.from_texts('x', build()[0]).sha256)")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True)
-    assert out.stdout.strip() == builtin_corpus().sha256
+    assert out.stdout.strip() == corpus.sha256
 
 
-def test_builtin_falls_back_in_process(monkeypatch):
-    def no_subprocess(*a, **k):
-        raise OSError("spawning is not allowed here")
+def test_builtin_full():
+    """The big default: built once per environment (about 20 s), then cached."""
+    corpus = load_corpus("builtin")
+    assert corpus.name == "builtin"
+    manifest = builtin_manifest()
+    sources = {s["source"]: s for s in manifest["sources"]}
+    assert list(sources)[:2] == ["pydoc_data.topics", "stdlib"]
+    for name in ("numpy", "scipy", "torch", "transformers", "matplotlib"):
+        assert sources[name]["n_docs"] > 100 and sources[name]["version"]
+    assert manifest["fingerprint"]["packages"]["torch"] == sources["torch"]["version"]
+    # ~3.4 characters a SmolLM2 token: 17 M characters is 5 M tokens.
+    assert corpus.stats().n_chars > 17_000_000 and manifest["n_docs"] > 5000
+    stdlib = set(load_corpus("builtin:stdlib"))
+    head = list(itertools.islice(corpus, 300))
+    assert 0 < sum(d in stdlib for d in head) < 100  # interleaved with the packages
+    _check_clean(head)
 
-    monkeypatch.setattr(corpus_mod.subprocess, "run", no_subprocess)
-    with pytest.warns(UserWarning, match="spawning is not allowed"):
-        sections = corpus_mod._stdlib_sections()
-    assert "doc:json" in sections and "doc:collections.OrderedDict" in sections
+
+@pytest.fixture
+def fake_env(tmp_path, monkeypatch):
+    """A tiny 'standard library' and package `fakepkg`, and an empty cache."""
+    doc = '"""{}"""\n'
+    stdlib = tmp_path / "stdlib"
+    (stdlib / "tests").mkdir(parents=True)
+    (stdlib / "tests" / "t.py").write_text(doc.format("Skipped: a test folder. " * 12))
+    (stdlib / "alpha.py").write_text(
+        doc.format("Alpha module. " * 20)
+        + 'def shared():\n    """' + "A docstring found twice. " * 10 + '"""\n')
+    pkg = tmp_path / "site" / "fakepkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "tests").mkdir()
+    (pkg / "__init__.py").write_text(
+        doc.format("The fake package. " * 8)
+        + 'def public():\n    """Public function ' + "that does things. " * 8 + '"""\n'
+        + 'def _private():\n    """Private helper, left out. ' + "x " * 40 + '"""\n')
+    (pkg / "sub" / "mod.py").write_text(
+        "class Thing:\n"
+        '    """A thing ' + "with a long description. " * 8 + '"""\n'
+        '    def __init__(self):\n        """Make a thing ' + "carefully. " * 6 + '"""\n'
+        '    def go(self):\n        """Go somewhere."""\n'
+        '    def _hidden(self):\n        """Hidden method, left out."""\n'
+        '    def __repr__(self):\n        """Repr, kept: a dunder written in Python."""\n'
+        'def shared():\n    """' + "A docstring found twice. " * 10 + '"""\n'
+        'def doctest():\n    """\n    >>> 1 + 1\n    2\n    >>> 2 + 2\n    4\n    """\n')
+    (pkg / "_impl.py").write_text(doc.format("Private modules are read: " * 10))
+    (pkg / "broken.py").write_text(doc.format("Broken. " * 30) + "def (:\n")
+    (pkg / "convert_weights.py").write_text(doc.format("Conversion script. " * 20))
+    (pkg / "tables.py").write_text(doc.format("Mostly code. " * 16) + "x = 1\n" * 400)
+    (pkg / "tests" / "test_a.py").write_text(doc.format("Test module. " * 20))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(builtin_mod.sysconfig, "get_paths", lambda: {"stdlib": str(stdlib)})
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(builtin_mod.VARIANTS, "builtin:fake", ("fakepkg", "not_installed_pkg"))
+    builtin_mod._load.cache_clear()
+    yield tmp_path
+    builtin_mod._load.cache_clear()
+
+
+def test_builtin_build_mechanism(fake_env):
+    docs, sources = builtin_mod.build(["fakepkg", "not_installed_pkg"])
+    assert [s["source"] for s in sources] == ["pydoc_data.topics", "stdlib", "fakepkg"]
+    fake = sources[2]
+    assert fake["version"] == "unknown" and fake["n_docs"] == 3  # no metadata on sys.path
+    text = "\n".join(docs)
+    for kept in ("alpha\n\nAlpha module.", "fakepkg\n\nThe fake package.",
+                 "public\n\nPublic function", "fakepkg.sub.mod.Thing\n\nA thing",
+                 "Thing.__init__\n\nMake a thing", "Thing.go\n\nGo somewhere.",
+                 "Thing.__repr__", "fakepkg._impl\n\nPrivate modules are read"):
+        assert kept in text, kept
+    for dropped in ("Private helper", "Hidden method", ">>> 1 + 1", "Broken.", "Conversion",
+                    "Mostly code", "Test module", "test folder"):
+        assert dropped not in text, dropped
+    assert text.count("A docstring found twice.") == 10  # the second copy was dropped
+    _check_clean(docs)
+    assert builtin_mod.build(["fakepkg"]) == (docs, sources)
+
+
+def test_builtin_cache(fake_env, monkeypatch):
+    builds = []
+    real_build = builtin_mod.build
+    monkeypatch.setattr(builtin_mod, "build", lambda p: builds.append(p) or real_build(p))
+    corpus = load_corpus("builtin:fake")
+    assert builds == []  # nothing is read before the first document is asked for
+    docs = list(corpus)
+    assert builds == [("fakepkg", "not_installed_pkg")]
+    folder = fake_env / "cache" / "corpus"
+    [path] = folder.glob("builtin-fake-*.txt")
+    assert [p.name for p in folder.iterdir()] == [path.name]  # no temporary file left
+    # Another process (a cleared memo) reads the file instead of building again.
+    builtin_mod._load.cache_clear()
+    assert list(load_corpus("builtin:fake")) == docs and len(builds) == 1
+    assert builtin_manifest("builtin:fake")["fingerprint"]["packages"] == {
+        "fakepkg": "unknown", "not_installed_pkg": None}
+    # A truncated file is built again, and rewritten.
+    path.write_bytes(path.read_bytes()[:-50])
+    builtin_mod._load.cache_clear()
+    assert list(load_corpus("builtin:fake")) == docs and len(builds) == 2
+    # Another package version is another environment: a new build next to the old one;
+    # only the newest few are kept.
+    for i in range(4):
+        builtin_mod._load.cache_clear()
+        monkeypatch.setattr(builtin_mod, "_package_version", lambda n, i=i: f"1.{i}")
+        list(load_corpus("builtin:fake"))
+    assert len(builds) == 6
+    assert len(list(folder.glob("builtin-fake-*.txt"))) == builtin_mod._KEEP_BUILDS
+
+
+def test_builtin_cache_unwritable(fake_env, monkeypatch):
+    (fake_env / "cache").write_text("a file where the cache folder should be")
+    with pytest.warns(UserWarning) as record:
+        docs = list(load_corpus("builtin:fake"))
+    [warning] = record
+    message = str(warning.message)
+    assert "could not cache the builtin corpus" in message
+    assert "\n" not in message and len(message) < 200
+    assert docs
+
+
+def test_builtin_unknown_variant():
+    with pytest.raises(SaelabError, match="unknown builtin corpus 'builtin:nope'.*builtin:stdlib"):
+        load_corpus("builtin:nope")
 
 
 def _write_all(tmp_path, docs, field="text"):

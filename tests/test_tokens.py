@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.data.corpus import builtin_corpus
+from saelab.data.corpus import load_corpus
 from saelab.data.tokens import (
     chat_prompt,
     context_index,
@@ -91,7 +91,7 @@ def _all(batches) -> torch.Tensor:
 @pytest.mark.parametrize("context", [5, 16])
 def test_pack_is_the_concatenated_stream(name, context, request):
     tok = request.getfixturevalue(name)
-    docs = DOCS if name == "word" else list(builtin_corpus())[:12]
+    docs = DOCS if name == "word" else list(load_corpus("builtin:stdlib"))[:12]
     bos = prepends_bos(tok)
     assert bos == (name == "word")
     ids = _all(pack(docs, tok, context, batch_size=3))
@@ -117,7 +117,7 @@ def test_batches_and_masks(word):
 
 
 def test_pack_is_deterministic(smol):
-    docs = list(builtin_corpus())[:8]
+    docs = list(load_corpus("builtin:stdlib"))[:8]
     a = _all(pack(docs, smol, 64, batch_size=5))
     b = _all(pack(iter(docs), smol, 64, batch_size=7))
     assert torch.equal(a, b)

@@ -3,7 +3,9 @@
 A `Corpus` is a re-iterable stream of documents (str) in a fixed order, with a
 `name` and a `sha256` that goes into provenance. `load_corpus(spec)` accepts:
 
-    builtin                      stdlib documentation topics + docstrings, offline
+    builtin                      Python's and saelab's dependencies' documentation,
+                                 offline, ~6 M tokens (see saelab.data.builtin)
+    builtin:stdlib               the Python part only (~0.4 M tokens)
     notes.txt                    documents separated by a form feed or by two or
                                  more blank lines (one paragraph break keeps a
                                  document together)
@@ -23,25 +25,19 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
-import random
 import re
-import subprocess
-import sys
-import textwrap
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 
 from saelab.errors import CorruptFileError, OfflineError, SaelabError
 
 FILE_KINDS = (".txt", ".jsonl", ".parquet")
 ACCEPTED = (
-    "'builtin'; a .txt, .jsonl or .parquet file; a directory of such files; "
+    "'builtin' or 'builtin:stdlib'; a .txt, .jsonl or .parquet file; a directory of such files; "
     "or a Hugging Face dataset as 'hf:org/name[:config]' (needs `datasets` and the network)"
 )
 
@@ -108,8 +104,10 @@ def load_corpus(
 ) -> Corpus:
     """Open a corpus by spec (see the module docstring). `split` is for hub datasets."""
     s = os.fspath(spec).strip()
-    if s == "builtin":
-        return builtin_corpus()
+    if s == "builtin" or s.startswith("builtin:"):
+        from saelab.data.builtin import builtin_corpus  # it imports this module
+
+        return builtin_corpus(s)
     if s.startswith("hf:"):
         name, _, config = s[3:].partition(":")
         return _hf_corpus(name, config or None, split, text_field)
@@ -293,162 +291,3 @@ def _hf_corpus(
             yield from _text_value(row, text_field, f"{spec} row {i}")
 
     return Corpus(spec, "hf", docs, identity=f"{spec}|split={split}|field={text_field}")
-
-
-# ---------------------------------------------------------------- builtin
-
-# Fixed so that the corpus (and its hash) depends only on the Python version and
-# platform. Left out: GUI and side-effect modules (tkinter, turtle, idlelib,
-# antigravity, this, readline), Windows-only ones, and those deprecated in 3.11
-# and removed in 3.13, so the corpus stays alike across Python versions.
-_STDLIB_MODULES = sorted("""
-abc argparse array ast asyncio asyncio.base_events asyncio.coroutines asyncio.events
-asyncio.exceptions asyncio.futures asyncio.locks asyncio.protocols asyncio.queues
-asyncio.runners asyncio.streams asyncio.subprocess asyncio.taskgroups asyncio.tasks
-asyncio.timeouts asyncio.transports atexit base64 bdb binascii bisect builtins bz2 cProfile
-calendar cmath cmd code codecs codeop collections collections.abc colorsys compileall
-concurrent.futures configparser contextlib contextvars copy copyreg csv ctypes ctypes.util
-curses curses.ascii curses.textpad dataclasses datetime dbm dbm.dumb decimal difflib dis
-doctest email email.charset email.contentmanager email.errors email.feedparser
-email.generator email.header email.headerregistry email.message email.mime.multipart
-email.mime.text email.parser email.policy email.utils enum errno faulthandler fcntl filecmp
-fileinput fnmatch fractions ftplib functools gc getopt getpass gettext glob graphlib grp
-gzip hashlib heapq hmac html html.parser http http.client http.cookiejar http.cookies
-http.server imaplib importlib importlib.abc importlib.machinery importlib.metadata
-importlib.resources importlib.util inspect io ipaddress itertools json json.decoder
-json.encoder keyword linecache locale logging logging.config logging.handlers lzma mailbox
-marshal math mimetypes mmap modulefinder multiprocessing multiprocessing.connection
-multiprocessing.managers multiprocessing.pool multiprocessing.process
-multiprocessing.queues multiprocessing.shared_memory multiprocessing.synchronize netrc
-numbers opcode operator optparse os pathlib pdb pickle pickletools pkgutil platform
-plistlib poplib posix posixpath pprint profile pstats pty pwd py_compile pyclbr pydoc
-pyexpat queue quopri random re reprlib resource runpy sched secrets select selectors
-shelve shlex shutil signal site smtplib socket socketserver sqlite3 ssl stat statistics
-string stringprep struct subprocess symtable sys sysconfig syslog tabnanny tarfile tempfile
-termios textwrap threading time timeit token tokenize tomllib trace traceback tracemalloc
-tty types typing unicodedata unittest unittest.case unittest.mock urllib.error urllib.parse
-urllib.request urllib.robotparser uuid venv warnings wave weakref webbrowser wsgiref.handlers
-wsgiref.headers wsgiref.simple_server wsgiref.util wsgiref.validate xml.dom.minidom
-xml.dom.pulldom xml.etree.ElementTree xml.parsers.expat xml.sax xml.sax.handler
-xml.sax.saxutils xml.sax.xmlreader xmlrpc.client xmlrpc.server zipapp zipfile zipimport
-zlib zoneinfo
-""".split())
-
-_MIN_CHARS = 200
-_SHUFFLE_SEED = 20240601
-
-
-def builtin_corpus() -> Corpus:
-    """English prose and technical text shipped with every Python: on CPython 3.11,
-    748 documents, 1.66 M characters, 428 k SmolLM2 tokens. Depends only on the
-    Python version and platform."""
-    return Corpus("builtin", "builtin", _builtin_docs)
-
-
-@cache
-def _builtin_docs() -> tuple[str, ...]:
-    from pydoc_data.topics import topics
-
-    units = {f"topic:{k}": _clean(v) for k, v in topics.items()}
-    units.update({key: _join(sections) for key, sections in _stdlib_sections().items()})
-    seen, docs = set(), []
-    for key in sorted(units):
-        doc = units[key]
-        norm = hashlib.sha256(" ".join(doc.split()).encode()).digest()
-        if len(doc) >= _MIN_CHARS and norm not in seen:
-            seen.add(norm)
-            docs.append(doc)
-    # Interleave topics, modules and classes rather than reading them alphabetically.
-    random.Random(_SHUFFLE_SEED).shuffle(docs)
-    return tuple(docs)
-
-
-def _stdlib_sections() -> dict[str, list[list[str | None]]]:
-    """Docstrings read in a fresh `python -I -S`: this process may have patched stdlib
-    attributes (pytest and IPython replace sys hooks, mocks replace functions), which
-    would change the corpus hash between a notebook and the command line. The child
-    also keeps ~250 imports and their side effects out of this process."""
-    script = (textwrap.dedent(inspect.getsource(_collect_sections))
-              + "import json, sys\njson.dump(_collect_sections(sys.argv[1:]), sys.stdout)\n")
-    try:
-        child = subprocess.run(
-            [sys.executable, "-I", "-S", "-W", "ignore", "-c", script, *_STDLIB_MODULES],
-            capture_output=True, text=True, check=True, timeout=300,
-        )
-        return json.loads(child.stdout)
-    except (OSError, subprocess.SubprocessError, ValueError) as e:
-        warnings.warn(
-            f"could not read stdlib docstrings in a clean interpreter ({e}); reading them "
-            "in this process, where patched modules can change the builtin corpus hash.",
-            stacklevel=3,
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _collect_sections(_STDLIB_MODULES)
-
-
-def _collect_sections(modules: list[str]) -> dict[str, list[list[str | None]]]:
-    """{unit: [[title, docstring], ...]}: one unit per module (its docstring and
-    functions) and per class (and its methods). Self-contained: it is run from
-    source in a child interpreter."""
-    import contextlib
-    import importlib
-    import inspect
-    import io
-
-    def doc(obj):
-        return obj.__doc__ if isinstance(obj.__doc__, str) else None
-
-    units = {}
-    for mod_name in modules:
-        out = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                mod = importlib.import_module(mod_name)
-        except Exception:  # absent on this platform or build: it is optional text
-            continue
-        if out.getvalue():  # a module that prints on import is not one to trust
-            continue
-        mod_sections = [[mod_name, doc(mod)]]
-        for name, obj in sorted(vars(mod).items()):
-            if name.startswith("_") or getattr(obj, "__module__", None) != mod_name:
-                continue
-            if inspect.isclass(obj):
-                sections = [[f"{mod_name}.{name}", doc(obj)]]
-                for attr, member in sorted(vars(obj).items()):
-                    if isinstance(member, (staticmethod, classmethod)):
-                        member = member.__func__
-                    public = not attr.startswith("_") and (
-                        inspect.isroutine(member) or isinstance(member, property))
-                    # Dunders written in Python (__init__, __call__) carry real prose;
-                    # C slot wrappers only say "Return self==value.".
-                    if public or (attr.startswith("__") and inspect.isfunction(member)):
-                        sections.append([f"{name}.{attr}", doc(member)])
-                units[f"doc:{mod_name}.{name}"] = sections
-            elif inspect.isroutine(obj):
-                mod_sections.append([name, doc(obj)])
-        units[f"doc:{mod_name}"] = mod_sections
-    return units
-
-
-def _join(sections: list[list[str | None]]) -> str:
-    parts = []
-    for title, doc in sections:
-        if doc is None or " at 0x" in doc:  # memory addresses change per run
-            continue
-        doc = _clean(doc)
-        if doc and not _mostly_code(doc):
-            parts.append(f"{title}\n\n{doc}")
-    return "\n\n".join(parts)
-
-
-def _clean(text: str) -> str:
-    text = inspect.cleandoc(text)
-    text = "\n".join(line.rstrip() for line in text.splitlines())
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-def _mostly_code(doc: str) -> bool:
-    """Doctest sessions read as code, not prose; drop sections made mostly of them."""
-    lines = [s.lstrip() for s in doc.splitlines() if s.strip()]
-    return sum(s.startswith((">>>", "...")) for s in lines) > 0.5 * len(lines)

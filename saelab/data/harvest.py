@@ -53,17 +53,21 @@ class HarvestConfig:
 
 
 def harvest(lm: LM, config: HarvestConfig, out: str | Path,
-            on_progress: Callable[[int, int], None] | None = None) -> Manifest:
+            on_progress: Callable[[int, int], None] | None = None, *,
+            rank: int = 0, world_size: int = 1) -> Manifest:
     """Record activations into `out`, resuming what is already there.
 
     `on_progress(tokens_done, tokens_target)` is called after every batch.
+    With `world_size` > 1 this cache holds contexts rank, rank + world_size, ...
+    of the corpus (one rank's slice, for data-parallel training).
     """
     sites = resolve_sites(lm.arch, config.sites)
     corpus = load_corpus(config.corpus)
     store_dtype = DTYPES[config.store_dtype]
     identity = {**lm.provenance(), "sites": {s.name: site_width(lm.arch, s) for s in sites},
                 "store_dtype": dtype_name(store_dtype), "context": config.context,
-                "corpus": corpus.name, "corpus_hash": corpus.sha256}
+                "corpus": corpus.name, "corpus_hash": corpus.sha256,
+                "slice": f"{rank}/{world_size}"}
     writer = ShardWriter(out, identity, tokens_target=config.tokens)
     manifest = writer.manifest
     if on_progress:
@@ -77,7 +81,8 @@ def harvest(lm: LM, config: HarvestConfig, out: str | Path,
     done = manifest.n_tokens
     # Resume: skip exactly the contexts already stored; packing is deterministic.
     batches = pack(corpus, lm.tokenizer, config.context, batch_size=config.batch_size,
-                   skip=manifest.n_contexts)
+                   skip=manifest.n_contexts * world_size + rank, rank=rank,
+                   world_size=world_size)
     try:
         for ids, special in batches:
             acts = _forward(lm, sites, ids, store_dtype)

@@ -17,6 +17,7 @@ from saelab.sae.base import SAE, SAEConfig, build_sae
 from saelab.sae.jumprelu import JumpReLUFn, StepFn
 from saelab.train import losses
 from saelab.train.config import SAESpec, TrainConfig
+from saelab.train.distributed import SINGLE, Dist
 from saelab.train.sparse_ops import SparseDecode, SparseEncodeGrad, topk_codes
 
 TOPK_FAMILY = ("topk", "batchtopk")
@@ -32,8 +33,8 @@ class SAEObjective:
     """Parameters, Adam state and the loss of one SAE on one site."""
 
     def __init__(self, spec: SAESpec, d_in: int, cfg: TrainConfig, compute_dtype: torch.dtype,
-                 metadata: dict):
-        self.spec, self.cfg, self.cdt = spec, cfg, compute_dtype
+                 metadata: dict, sync: Dist = SINGLE):
+        self.spec, self.cfg, self.cdt, self.sync = spec, cfg, compute_dtype, sync
         gen = torch.Generator().manual_seed(cfg.seed + zlib_hash(spec.label))
         self.sae: SAE = build_sae(SAEConfig(
             spec.arch, d_in=d_in, d_sae=spec.width,
@@ -91,12 +92,14 @@ class SAEObjective:
     @torch.no_grad()
     def init_from_batch(self, x: Tensor) -> None:
         """Measure the input scale and initialise b_dec from the first batch."""
-        self.scale = (1 / x.pow(2).sum(-1).mean().clamp_min(1e-12)).sqrt()
+        # Ranks hold equal shares of the global batch: the mean of their means is global.
+        sq_norm = self.sync.mean_(x.pow(2).sum(-1).mean())
+        self.scale = (1 / sq_norm.clamp_min(1e-12)).sqrt()
         xs = x * self.scale
         if self.cfg.b_dec_init == "mean":
-            self.sae.b_dec.copy_(xs.mean(0))
-        elif self.cfg.b_dec_init == "geometric_median":
-            self.sae.b_dec.copy_(losses.geometric_median(xs))
+            self.sae.b_dec.copy_(self.sync.mean_(xs.mean(0)))
+        elif self.cfg.b_dec_init == "geometric_median":  # across ranks: the mean of medians
+            self.sae.b_dec.copy_(self.sync.mean_(losses.geometric_median(xs)))
 
     # ------------------------------------------------------------------ step
     def train_step(self, x_raw: Tensor, steps: int) -> dict[str, float]:
@@ -114,16 +117,22 @@ class SAEObjective:
             loss, stats, fired = self._dense_loss(x, sparsity_w)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.sync.active:
+            for p in self.params:
+                if p.grad is not None:
+                    self.sync.mean_(p.grad)
         if self.spec.arch != "relu":  # unit-norm decoder rows: drop the radial gradient
             self.sae.remove_parallel_grad_()
         self.opt.step()
         if self.spec.arch != "relu":
             with torch.no_grad():
                 self.sae.W_dec.div_(self.sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        self.since_fired += x.shape[0]
-        self.since_fired[fired] = 0
-        self.fire_count += torch.bincount(fired, minlength=self.spec.width)
-        self.tokens_seen += x.shape[0]
+        counts = self.sync.sum_(torch.bincount(fired, minlength=self.spec.width).double())
+        tokens = x.shape[0] * self.sync.world_size
+        self.since_fired += tokens
+        self.since_fired[counts > 0] = 0
+        self.fire_count += counts
+        self.tokens_seen += tokens
         self.step_i += 1
         stats |= {"loss": loss.item(), "lr": lr, "dead": self.dead_fraction()}
         return stats
@@ -147,7 +156,7 @@ class SAEObjective:
         xc, pre = self._encode_pre(x, subtract_b_dec=True)
         if self.spec.arch == "batchtopk":
             rows, cols, top = sae.batch_topk(pre)
-            kth = top.min() if top.numel() else top.new_zeros(())
+            kth = self.sync.mean_(top.min() if top.numel() else top.new_zeros(()))
             with torch.no_grad():  # inference threshold: running mean of the k·N-th value
                 m = 0.99 if self.batch_threshold > 0 else 0.0
                 self.batch_threshold = m * self.batch_threshold + (1 - m) * kth

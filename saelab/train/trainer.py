@@ -23,6 +23,7 @@ from saelab.errors import SaelabError, ShapeMismatchError
 from saelab.precision import dtype_name, resolve_dtype
 from saelab.train.checkpoint import load_checkpoint, save_checkpoint
 from saelab.train.config import TrainConfig
+from saelab.train.distributed import SINGLE, Dist
 from saelab.train.objective import SAEObjective
 
 
@@ -42,8 +43,15 @@ def versions() -> dict:
 
 def train(cfg: TrainConfig, cache: str | Path, out: str | Path, *, resume: bool = False,
           on_progress: Callable[[int, int, dict], None] | None = None,
-          rank: int = 0, world_size: int = 1) -> TrainResult:
-    """Train every SAE of `cfg` on the activation cache `cache`, writing to `out`."""
+          dist: Dist = SINGLE, shard_sites: bool = False, cache_per_rank: bool = False
+          ) -> TrainResult:
+    """Train every SAE of `cfg` on the activation cache `cache`, writing to `out`.
+
+    Under torch.distributed (`dist`), data-parallel by default: each rank reads
+    its share of every global batch from the shared cache (or all of its own
+    cache with `cache_per_rank`); with `shard_sites` each rank trains its own
+    subset of the SAEs on full batches instead. See distributed.py.
+    """
     out = Path(out)
     store = ActivationStore(cache)
     for spec in cfg.saes:
@@ -59,27 +67,34 @@ def train(cfg: TrainConfig, cache: str | Path, out: str | Path, *, resume: bool 
     run_record = {"config": json.loads(json.dumps(cfg.to_dict())), "cache": str(cache),
                   "data": provenance,
                   "compute_dtype": dtype_name(cdt), "versions": versions(),
-                  "world_size": world_size}
+                  "world_size": dist.world_size, "shard_sites": shard_sites}
     _check_resume(out, run_record, resume)
+    dist.barrier()  # every rank checked run.json before rank 0 rewrites it
+    mine = [s for i, s in enumerate(cfg.saes) if not shard_sites or i % dist.world_size == dist.rank]
+    sync = SINGLE if shard_sites else dist
     objectives = [SAEObjective(s, store.sites[s.site], cfg, cdt,
-                               _metadata(s, store, provenance, cfg)) for s in cfg.saes]
+                               _metadata(s, store, provenance, cfg), sync=sync) for s in mine]
+    writes = dist.is_main or shard_sites  # who saves checkpoints, SAEs and metrics
+    ckpt_dir = out / "ckpt" / (f"rank_{dist.rank}" if shard_sites else "")
     start_step = 0
-    ckpt = load_checkpoint(out / "ckpt") if resume else None
+    ckpt = load_checkpoint(ckpt_dir) if resume else None
     if ckpt is not None:
         tensors, info = ckpt
         for i, obj in enumerate(objectives):
             obj.load_state_tensors({k.split("/", 1)[1]: v for k, v in tensors.items()
                                     if k.startswith(f"{i}/")})
         start_step = info["step"]
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
         atomic_write_text(out / "run.json", json.dumps(run_record, indent=1))
 
     steps = cfg.steps
-    local_batch = cfg.batch_size // world_size
+    split = sync.active and not cache_per_rank  # ranks share the cache: read disjoint slices
+    local_batch = cfg.batch_size // sync.world_size
     streams = {site: store.batches(site, local_batch, seed=cfg.seed, epochs=10**6,
-                                   rank=rank, world_size=world_size)
-               for site in dict.fromkeys(s.site for s in cfg.saes)}
+                                   rank=dist.rank if split else 0,
+                                   world_size=dist.world_size if split else 1)
+               for site in dict.fromkeys(s.site for s in mine)}
     for _ in range(start_step):  # the same data order as an uninterrupted run
         for stream in streams.values():
             next(stream)
@@ -100,17 +115,17 @@ def train(cfg: TrainConfig, cache: str | Path, out: str | Path, *, resume: bool 
             last[obj.spec.label] = stats
         done = (step + 1) * cfg.batch_size
         rate = (step + 1 - start_step) * cfg.batch_size / (time.perf_counter() - started)
-        if rank == 0 and (step % 10 == 0 or step == steps - 1):
+        if writes and (step % 10 == 0 or step == steps - 1):
             with open(metrics_path, "a") as fh:
                 for label, stats in last.items():
                     fh.write(json.dumps({"step": step, "tokens": done, "sae": label,
                                          "tokens_per_s": rate, **stats}) + "\n")
         if on_progress:
             on_progress(done, steps * cfg.batch_size, {"tokens/s": rate, **_summary(last)})
-        if rank == 0 and ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
-            _checkpoint(out, objectives, step + 1)
+        if writes and ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
+            _checkpoint(ckpt_dir, objectives, step + 1)
     sae_dirs = {}
-    if rank == 0:
+    if writes:
         from saelab.sae.formats import save_sae
 
         for obj in objectives:
@@ -119,7 +134,8 @@ def train(cfg: TrainConfig, cache: str | Path, out: str | Path, *, resume: bool 
                               "l0": final.get("l0")})
             sae_dirs[obj.spec.label] = save_sae(sae, out / obj.spec.label,
                                                 log_sparsity=obj.log_sparsity())
-        _checkpoint(out, objectives, steps)
+        _checkpoint(ckpt_dir, objectives, steps)
+    dist.barrier()
     rate = (steps - start_step) * cfg.batch_size / max(time.perf_counter() - started, 1e-9)
     return TrainResult(out, sae_dirs, last, rate)
 
@@ -143,10 +159,10 @@ def _summary(last: dict[str, dict]) -> dict:
     return {k: sum(s.get(k, 0) for s in last.values()) / len(last) for k in keys}
 
 
-def _checkpoint(out: Path, objectives, step: int) -> None:
+def _checkpoint(folder: Path, objectives, step: int) -> None:
     tensors = {f"{i}/{k}": v for i, obj in enumerate(objectives)
                for k, v in obj.state_tensors().items()}
-    save_checkpoint(out / "ckpt", step, tensors, {})
+    save_checkpoint(folder, step, tensors, {})
 
 
 def _check_resume(out: Path, record: dict, resume: bool) -> None:

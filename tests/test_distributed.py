@@ -1,0 +1,67 @@
+"""Real torch.distributed processes (gloo, CPU) launched with torchrun."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from synthetic import write_synthetic_cache
+
+from saelab.sae.formats import load_sae
+from saelab.train.config import SAESpec, TrainConfig
+from saelab.train.trainer import train
+
+TOKENS = 16_384
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, *args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "saelab",
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_cache(folder, n_tokens=TOKENS)
+    return folder
+
+
+ARGS = ["--sites", "resid_post.0", "--arch", "topk", "--width", "64", "--k", "3",
+        "--tokens", str(TOKENS), "--batch-size", "512", "--lr", "0.003", "--json"]
+
+
+def test_two_process_data_parallel_equals_one_process(cache, tmp_path):
+    done = torchrun(2, "train", "--cache", str(cache), "--out", str(tmp_path / "ddp"), *ARGS,
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    spec = SAESpec("resid_post.0", "topk", 64, k=3)
+    single = train(TrainConfig(saes=(spec,), tokens=TOKENS, batch_size=512, lr=0.003),
+                   cache, tmp_path / "one")
+    a = load_sae(tmp_path / "ddp" / spec.label)
+    b = load_sae(single.sae_dirs[spec.label])
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
+
+
+def test_site_sharded_ranks_train_different_saes(cache, tmp_path):
+    out = tmp_path / "sharded"
+    done = torchrun(2, "train", "--cache", str(cache), "--out", str(out), *ARGS[:6],
+                    "--width", "32,64", "--k", "3", "--tokens", "4096", "--batch-size", "512",
+                    "--shard-sites", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "resid_post.0-topk-32-k3" / "cfg.json").is_file()
+    assert (out / "resid_post.0-topk-64-k3" / "cfg.json").is_file()
+    assert {p.name for p in (out / "ckpt").iterdir()} == {"rank_0", "rank_1"}
