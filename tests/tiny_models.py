@@ -8,6 +8,7 @@ model has ``d_mlp != d_model``.
 
     from tiny_models import TINY_FAMILIES, tiny_model   # pytest puts tests/ on sys.path
     model = tiny_model("llama")
+    sae = tiny_sae(model, "resid_post.1", "topk")        # random SAE with non-zero biases
 """
 
 from __future__ import annotations
@@ -75,3 +76,21 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval()
+
+
+def tiny_sae(model: torch.nn.Module, site: str, arch: str = "topk", d_sae: int = 96, seed: int = 0,
+             k: int | None = None):
+    """A random SAE of `arch` for `site` of `model` (cfg.site set), with non-zero biases."""
+    from saelab.models.sites import describe, site_width
+    from saelab.sae import SAEConfig, build_sae
+
+    width = site_width(describe(model), site)
+    if k is None and arch in ("topk", "batchtopk"):
+        k = 6
+    sae = build_sae(SAEConfig(arch, width, d_sae, k=k, metadata={"site": site}))
+    with torch.no_grad():  # non-zero biases, so that b_dec and b_enc matter
+        g = torch.Generator().manual_seed(seed)
+        sae.reset_parameters_(g)
+        sae.b_dec.copy_(0.1 * torch.randn(width, generator=g))
+        sae.b_enc.copy_(0.05 * torch.randn(d_sae, generator=g))
+    return sae
