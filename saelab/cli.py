@@ -25,9 +25,6 @@ def _mount_subapps() -> None:
 
     app.add_typer(sae_app, name="sae")
 
-
-_mount_subapps()
-
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Embedded name, HF id, folder or .gguf.")]
 
@@ -314,6 +311,52 @@ def _escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Run folder (a second run reuses what is done).")] = Path("runs/demo"),
+    tokens: Annotated[int, typer.Option(help="Training tokens.")] = 200_000,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out evaluation tokens.")] = 16_384,
+    json: JsonFlag = False,
+) -> None:
+    """The main job on the embedded model: harvest, train a BatchTopK SAE, evaluate, report."""
+    from saelab.console import progress
+    from saelab.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(tokens=tokens, eval_tokens=eval_tokens)
+    console.print(f"saelab demo: {cfg.model}, {cfg.site}, BatchTopK {cfg.width} (k={cfg.k}), "
+                  f"{cfg.tokens:,} training tokens -> {out}")
+    with progress() as bar:
+
+        def stage(name: str, total: int):
+            task = bar.add_task(name, total=total, info="")
+            return lambda done: bar.update(task, completed=min(done, total),
+                                           info=f"{done:,} tokens")
+
+        summary = run_demo(cfg, out, stage)
+    if json:
+        return emit_json(summary)
+    table = Table("metric", "value", "95% interval", title="BatchTopK SAE at " + cfg.site)
+    for name, m in summary["metrics"].items():
+        ci = m.get("ci95")
+        table.add_row(name, f"{m['value']:.4g}", f"{ci[0]:.4g} .. {ci[1]:.4g}" if ci else "")
+    console.print(table)
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items())
+    console.print(f"time: {times}")
+    console.print(f"report: {summary['report']}")
+
+
+def _register_commands() -> None:
+    """Commands defined next to their code; they use `user_errors` from this module."""
+    from saelab.evals.commands import register as register_evals
+
+    _mount_subapps()
+    register_evals(app)
+
+
+_register_commands()
 
 
 def main() -> None:  # `python -m saelab`

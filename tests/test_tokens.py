@@ -13,6 +13,7 @@ import torch
 from saelab.data.corpus import load_corpus
 from saelab.data.tokens import (
     chat_prompt,
+    context_bos_id,
     context_index,
     count_tokens,
     encode_prompts,
@@ -92,8 +93,9 @@ def _all(batches) -> torch.Tensor:
 def test_pack_is_the_concatenated_stream(name, context, request):
     tok = request.getfixturevalue(name)
     docs = DOCS if name == "word" else list(load_corpus("builtin:stdlib"))[:12]
-    bos = prepends_bos(tok)
-    assert bos == (name == "word")
+    assert prepends_bos(tok) == (name == "word")
+    bos = context_bos_id(tok) is not None
+    assert bos  # both have a BOS token, so every context opens with it
     ids = _all(pack(docs, tok, context, batch_size=3))
     assert ids.dtype == torch.int64 and ids.shape[1] == context
     text = ids[:, 1:] if bos else ids

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from saelab.data.outliers import norm_outliers
 from saelab.errors import CorruptFileError, SaelabError, SiteError
 
 MANIFEST = "manifest.json"
@@ -158,6 +159,7 @@ class ActivationStore:
         self.manifest = Manifest.read(self.folder)
         self.verify = verify
         self._verified: set[str] = set()
+        self.outliers_dropped = 0
 
     @property
     def sites(self) -> dict[str, int]:
@@ -186,9 +188,14 @@ class ActivationStore:
             raise CorruptFileError(f"shard {path} could not be read: {err}") from err
 
     def batches(self, site: str, batch_size: int, *, seed: int = 0, epochs: int = 1,
-                drop_special: bool = True, dtype: torch.dtype = torch.float32,
+                drop_special: bool = True, outlier_factor: float = 0.0,
+                dtype: torch.dtype = torch.float32,
                 rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
         """Shuffled [batch_size, d] rows of `site`, special tokens left out.
+
+        With `outlier_factor` > 0, attention-sink rows (norm above that many times
+        the shard's median norm, see outliers.py) are left out too, and counted
+        in `self.outliers_dropped`.
 
         Shards come in a seeded random order and the rows of two consecutive
         shards are mixed, so a batch holds tokens from different documents and
@@ -205,6 +212,10 @@ class ActivationStore:
                 rows = shard[site].reshape(-1, self.sites[site]).to(dtype)
                 if drop_special:
                     rows = rows[~shard["special"].reshape(-1)]
+                if outlier_factor > 0:
+                    sinks = norm_outliers(rows, factor=outlier_factor)
+                    self.outliers_dropped += int(sinks.sum())
+                    rows = rows[~sinks]
                 buffer = torch.cat([buffer, rows])
                 buffer = buffer[torch.randperm(len(buffer), generator=gen)]
                 # keep up to one shard's rows back so the next shard mixes with them

@@ -3,8 +3,16 @@
 Packing layout (the stream every harvest and evaluation reads)::
 
     doc0 SEP doc1 SEP doc2 ...          SEP = eos (else bos); empty docs vanish
-    cut into rows of context - b text tokens, b = 1 if the tokenizer prepends a
-    BOS (probed), and each row gets [BOS] in front when b = 1
+    cut into rows of context - b text tokens, b = 1 if the tokenizer has a BOS
+    token, and each row gets [BOS] in front when b = 1
+
+Every context opens with the BOS token whenever the tokenizer has one, even
+when it does not add it by itself (SmolLM2, Qwen2): a model's first position
+becomes an attention sink whose residual norm dwarfs every other token's
+(SmolLM2 resid_post.12: ~24,000 at position 0 against ~150 elsewhere). Put a
+text token there and it dominates SAE training and every variance-based
+metric; put a special token there and it is masked out (as SAELens'
+prepend_bos does).
 
     ids           (n, context) int64
     special_mask  (n, context) bool     BOS, SEP and any special token in the text
@@ -56,6 +64,11 @@ def prepends_bos(tokenizer) -> bool:
     with_special = tokenizer(_PROBE, add_special_tokens=True)["input_ids"]
     without = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
     return with_special[:1] == [bos] and without[:1] != [bos]
+
+
+def context_bos_id(tokenizer) -> int | None:
+    """The token that opens every packed context: the tokenizer's BOS, if it has one."""
+    return tokenizer.bos_token_id
 
 
 def separator_id(tokenizer) -> int:
@@ -114,7 +127,8 @@ def pack(
         raise ValueError(f"pack: rank={rank}; expected 0 <= rank < world_size={world_size}.")
     if n_tokens is not None and n_tokens < 1:
         raise ValueError(f"pack: n_tokens={n_tokens}; expected None or a positive count.")
-    bos = prepends_bos(tokenizer)
+    bos_id = context_bos_id(tokenizer)
+    bos = bos_id is not None
     if bos and context < 2:
         raise ValueError(f"pack: context={context}; BOS takes one position, expected >= 2.")
     text_len = context - int(bos)
@@ -124,7 +138,7 @@ def pack(
     def emit(rows: np.ndarray) -> TokenBatch:
         ids = torch.from_numpy(rows)  # (n, text_len)
         if bos:
-            ids = torch.cat([torch.full((len(ids), 1), tokenizer.bos_token_id), ids], dim=1)
+            ids = torch.cat([torch.full((len(ids), 1), bos_id), ids], dim=1)
         return TokenBatch(ids, torch.isin(ids, specials))
 
     pending, n_pending = [], 0

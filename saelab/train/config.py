@@ -84,6 +84,8 @@ class TrainConfig:
     """Tokens between atomic checkpoints (0: only at the end)."""
     deterministic: bool = False
     """Deterministic algorithms, so a resumed run ends with the same weights."""
+    outlier_factor: float = 10.0
+    """Leave out attention-sink tokens with norm > this x the median (0: keep all)."""
     nan_limit: int = 10
     """Batches with NaN/inf activations skipped before training stops."""
 

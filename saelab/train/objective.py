@@ -106,8 +106,9 @@ class SAEObjective:
         if self.scale == 0:
             self.init_from_batch(x_raw)
         x = x_raw * self.scale
-        lr = self.lr * losses.lr_factor(self.step_i, steps, self.cfg.warmup_steps,
-                                        self.cfg.decay_start)
+        # a short run must not spend itself warming up: at most a tenth of it
+        warmup = min(self.cfg.warmup_steps, max(1, steps // 10))
+        lr = self.lr * losses.lr_factor(self.step_i, steps, warmup, self.cfg.decay_start)
         for group in self.opt.param_groups:
             group["lr"] = lr
         sparsity_w = losses.warmup_factor(self.step_i, steps, self.cfg.sparsity_warmup)
@@ -157,8 +158,11 @@ class SAEObjective:
         if self.spec.arch == "batchtopk":
             rows, cols, top = sae.batch_topk(pre)
             kth = self.sync.mean_(top.min() if top.numel() else top.new_zeros(()))
-            with torch.no_grad():  # inference threshold: running mean of the k·N-th value
-                m = 0.99 if self.batch_threshold > 0 else 0.0
+            # Inference threshold: EMA of the batch's k·N-th value over a ~10-step window,
+            # short enough to track the encoder as it trains (a 0.99 EMA kept the early
+            # steps' values and gave half the intended L0 after a short run).
+            with torch.no_grad():
+                m = 0.9 if self.batch_threshold > 0 else 0.0
                 self.batch_threshold = m * self.batch_threshold + (1 - m) * kth
         else:
             rows, cols = topk_codes(pre, self.spec.k)

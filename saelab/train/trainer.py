@@ -92,6 +92,7 @@ def train(cfg: TrainConfig, cache: str | Path, out: str | Path, *, resume: bool 
     split = sync.active and not cache_per_rank  # ranks share the cache: read disjoint slices
     local_batch = cfg.batch_size // sync.world_size
     streams = {site: store.batches(site, local_batch, seed=cfg.seed, epochs=10**6,
+                                   outlier_factor=cfg.outlier_factor,
                                    rank=dist.rank if split else 0,
                                    world_size=dist.world_size if split else 1)
                for site in dict.fromkeys(s.site for s in mine)}
