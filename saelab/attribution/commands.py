@@ -1,0 +1,104 @@
+"""What `saelab attribute` computes, as a plain function the CLI wraps.
+
+    result = run_attribute("smollm2-135m-instruct", ["runs/sae12", "runs/sae18"],
+                           "Give me a short list of rivers.", 'logit_diff:" ":"\\n"@-1',
+                           top=20, chat=True, verify=5)
+    result.rows()         # [{"rank", "site", "position", "token", "feature", "act", "attribution"}]
+    result.site_rows()    # per SAE: summed feature and error attributions
+    result.to_json()      # everything, for --json
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saelab.attribution.attribute import attribute
+from saelab.attribution.metrics import as_metric
+from saelab.attribution.result import Attribution
+from saelab.attribution.verify import Verification, verify
+
+
+@dataclass
+class AttributeResult:
+    """The attribution of one prompt, its top pairs and (optionally) their verification."""
+
+    attribution: Attribution
+    token_texts: list[str]  # each token of the prompt, decoded
+    top: int
+    verification: Verification | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metric(self) -> float:
+        return float(self.attribution.metric[0])
+
+    def rows(self, largest: bool = True) -> list[dict[str, Any]]:
+        """The `top` (position, feature) pairs with the largest (or most negative) attribution."""
+        pairs = self.attribution.top(self.top, example=0, largest=largest)
+        return [{"rank": i + 1, "site": p.site, "position": p.position,
+                 "token": self.token_texts[p.position], "feature": p.feature, "act": p.act,
+                 "attribution": p.value} for i, p in enumerate(pairs)]
+
+    def site_rows(self) -> list[dict[str, Any]]:
+        """Per SAE: the metric's first-order share through its features and through its error."""
+        return [{"site": site, "features": float(t["features"][0]), "error": float(t["error"][0])}
+                for site, t in self.attribution.totals().items()]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"settings": self.settings, "metric": self.metric,
+                               "tokens": self.token_texts, "top": self.rows(),
+                               "bottom": self.rows(largest=False), "sites": self.site_rows()}
+        if self.verification is not None:
+            r = self.verification.correlation()
+            out["verification"] = {"correlation": None if math.isnan(r) else r,
+                                   "checks": self.verification.rows()}
+        return out
+
+
+def run_attribute(model: Any, sae_dirs: Any, prompt: str, metric_spec: str, *, top: int = 20,
+                  chat: bool = False, method: str = "grad", ig_steps: int = 8, verify_top: int = 0,
+                  verify_positions: str = "attributed", allow_multi: bool = False,
+                  save: str | Path | None = None, dtype: str = "float32") -> AttributeResult:
+    """Attribute `metric_spec` (e.g. ``'logit_diff:" ":"\\n"@-1'``) on `prompt` to the features
+    of the SAEs in `sae_dirs` (folders / files `load_sae` reads, or SAEs), all spliced at once.
+
+    model: a loaded LM or a name for `load_model`. verify_top: also ablate the top and
+    bottom `verify_top` pairs one by one and together, and report predicted vs measured.
+    save: write the full sparse attribution to this safetensors file.
+    """
+    if top < 1:
+        raise ValueError(f"top={top}: need at least one row")
+    lm = model
+    if isinstance(model, str | Path):
+        from saelab.models.load import load_model
+
+        lm = load_model(str(model), dtype=dtype)
+    saes = [_sae(s) for s in ([sae_dirs] if isinstance(sae_dirs, str | Path) else sae_dirs)]
+    if not saes:
+        raise ValueError("no SAE given; pass at least one SAE folder (--sae DIR)")
+    metric = as_metric(metric_spec, allow_multi=allow_multi)
+    attr = attribute(lm, saes, [prompt], metric, method=method, ig_steps=ig_steps, chat=chat)
+    check = None
+    if verify_top > 0:
+        check = verify(lm, saes, attr, metric, n_top=verify_top, n_bottom=verify_top,
+                       together=verify_top, positions=verify_positions)
+    if save is not None:
+        attr.save(save)
+    texts = [lm.tokenizer.decode([t]) for t in attr.tokens[0]]
+    settings = {"model": getattr(lm, "name", str(model)), "metric": metric_spec, "chat": chat,
+                "method": method, "sites": list(attr.sites),
+                "saes": [str(s) if isinstance(s, str | Path) else None
+                         for s in ([sae_dirs] if isinstance(sae_dirs, str | Path) else sae_dirs)],
+                **({"ig_steps": ig_steps} if method == "ig" else {})}
+    return AttributeResult(attr, texts, top, check, settings)
+
+
+def _sae(sae: Any) -> Any:
+    if isinstance(sae, str | Path):
+        from saelab.sae import load_sae
+
+        return load_sae(sae)
+    return sae
