@@ -31,7 +31,7 @@ and bf16 matmul rates (bench.common.matmul_rate) at the same thread count.
 `--bf16 speed` (default) times the bf16 variants for `--bf16-steps` steps only
 (bf16 matmuls are emulated, hence slow, on CPUs without AMX/AVX512-BF16);
 `--bf16 full` trains them for the whole budget too; `--bf16 off` skips them.
-Writes bench/results/train.json.
+Writes bench/results/train.json (or NAME.json with --name).
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ from saelab.train.objective import SAEObjective  # noqa: E402
 
 BENCH = ROOT / "bench"
 VENVS = {"saelens": BENCH / ".venv-saelens", "sparsify": BENCH / ".venv-sparsify"}
+LOSS_KIND = {"saelab": "FVU of the training batch", "sparsify": "FVU of the training batch",
+             "saelens": "loss: MSE summed over d_in, batch mean (+ aux)"}
 WARMUP_STEPS = 2  # steps left out of the timing (first-batch init, allocator warm-up)
 
 
@@ -118,6 +120,7 @@ class Method:
     precision: str
     steps: int
     times: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # the method's own training loss per step
     info: dict = field(default_factory=dict)
 
     def step(self, i: int) -> float:
@@ -156,8 +159,10 @@ class SaelabMethod(Method):
     def step(self, i):
         x = self.train[i * self.batch:(i + 1) * self.batch]
         t0 = time.perf_counter()
-        self.obj.train_step(x, self.total_steps)
-        return time.perf_counter() - t0
+        stats = self.obj.train_step(x, self.total_steps)
+        seconds = time.perf_counter() - t0
+        self.losses.append(stats["fvu"])
+        return seconds
 
     def weights(self):
         sae = self.obj.export({})
@@ -201,7 +206,9 @@ class WorkerMethod(Method):
         return self._reply()
 
     def step(self, i):
-        return self._send("step")["seconds"]
+        reply = self._send("step")
+        self.losses.append(reply["loss"])
+        return reply["seconds"]
 
     def weights(self):
         self._send("finish")
@@ -276,6 +283,7 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="print every step's time")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="train", help="results file: bench/results/NAME.json")
     args = ap.parse_args()
 
     load_before = os.getloadavg()
@@ -367,6 +375,7 @@ def main() -> None:
                      "step_s_best": best, "step_s_median": med, "steps": m.steps,
                      "gflops": flops / best / 1e9, "pct_fp32_peak": 100 * flops / best / rates["fp32"],
                      "pct_bf16_peak": 100 * flops / best / rates["bf16"], **quality,
+                     "train_loss": m.losses, "train_loss_kind": LOSS_KIND[m.peer],
                      "info": m.info})
     ref = next((r["tokens_per_s"] for r in rows if r["method"] == "saelab"), None)
     for r in rows:
@@ -394,7 +403,7 @@ def main() -> None:
         for g, s in prof["seconds"].items():
             print(f"  {g:<55} {s:6.3f} s  {100 * s / prof['step_seconds']:5.1f}%")
 
-    path = write("train", {
+    path = write(args.name, {
         "shape": {"batch": args.batch, "d_in": d_in, "width": args.width, "k": args.k},
         "steps": args.steps, "tokens": args.steps * args.batch, "data": data_kind,
         "data_note": data_note, "threads": threads, "load_1min": load_samples,
