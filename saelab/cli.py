@@ -357,45 +357,33 @@ def _escape(text: str) -> str:
 @user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder (a second run reuses what is done).")] = Path("runs/demo"),
-    tokens: Annotated[int, typer.Option(help="Training tokens.")] = 200_000,
-    eval_tokens: Annotated[int, typer.Option(help="Held-out evaluation tokens.")] = 16_384,
+    samples: Annotated[int, typer.Option(help="Lists per topic and template.")] = 2,
     json: JsonFlag = False,
 ) -> None:
-    """The main job on the embedded model: harvest, train a BatchTopK SAE, evaluate, report."""
-    from saelab.console import progress
-    from saelab.demo import DemoConfig, run_demo
+    """The main job: the list study's quick preset on the embedded model (`saelab study lists`)."""
+    from saelab.studies.lists import ListsConfig
+    from saelab.studies.lists_commands import print_summary, run_with_progress
 
-    cfg = DemoConfig(tokens=tokens, eval_tokens=eval_tokens)
-    console.print(f"saelab demo: {cfg.model}, {cfg.site}, BatchTopK {cfg.width} (k={cfg.k}), "
-                  f"{cfg.tokens:,} training tokens -> {out}")
-    with progress() as bar:
-
-        def stage(name: str, total: int):
-            task = bar.add_task(name, total=total, info="")
-            return lambda done: bar.update(task, completed=min(done, total),
-                                           info=f"{done:,} tokens")
-
-        summary = run_demo(cfg, out, stage)
+    cfg = ListsConfig.preset_config("quick", samples=samples)
+    console.print(f"saelab demo: when does a list end? {cfg.model}, {len(cfg.topics)} topics x "
+                  f"{len(cfg.templates)} templates x {cfg.samples} lists, SAEs at "
+                  f"{', '.join(cfg.sites or ())} -> {out}")
+    results = run_with_progress(cfg, out)
     if json:
-        return emit_json(summary)
-    table = Table("metric", "value", "95% interval", title="BatchTopK SAE at " + cfg.site)
-    for name, m in summary["metrics"].items():
-        ci = m.get("ci95")
-        table.add_row(name, f"{m['value']:.4g}", f"{ci[0]:.4g} .. {ci[1]:.4g}" if ci else "")
-    console.print(table)
-    times = ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items())
-    console.print(f"time: {times}")
-    console.print(f"report: {summary['report']}")
+        return emit_json(results)
+    print_summary(results, out)
 
 
 def _register_commands() -> None:
     """Commands defined next to their code; they use `user_errors` from this module."""
     from saelab.evals.commands import register as register_evals
     from saelab.features.commands import register as register_features
+    from saelab.studies.commands import register as register_studies
 
     _mount_subapps()
     register_evals(app)
     register_features(app)
+    register_studies(app)
 
 
 _register_commands()
