@@ -20,6 +20,20 @@ models_app = typer.Typer(help="Embedded models: list them, make them ready.",
 app.add_typer(models_app, name="models")
 
 
+@app.callback()
+def _threads(threads: Annotated[int | None, typer.Option(
+        "--threads", help="CPU threads for torch; default the idle cores (SAELAB_THREADS also sets it).")] = None
+             ) -> None:
+    """Runs before every command: torch gets the idle cores (see saelab/threads.py)."""
+    import os
+
+    from saelab.threads import ENV, set_threads
+
+    if threads is not None:
+        os.environ[ENV] = str(threads)
+    set_threads()
+
+
 def _mount_subapps() -> None:
     from saelab.sae.commands import app as sae_app
 

@@ -186,7 +186,7 @@ def run_lists(cfg: ListsConfig, out: str | Path, stage: Stage, lm: Any = None) -
     lap("results")
     results["seconds"] = seconds
     run = {"command": "study lists", "config": asdict(cfg), "model": lm.provenance(),
-           "seconds": seconds, "versions": {"torch": torch.__version__,
+           "seconds": seconds, "threads": torch.get_num_threads(), "versions": {"torch": torch.__version__,
                                             "python": platform.python_version()}}
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=_json) + "\n")
     atomic_write_text(out / "run.json", json.dumps(run, indent=1, default=_json) + "\n")
