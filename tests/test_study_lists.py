@@ -26,7 +26,8 @@ def tiny_chat_lm():
 def tiny_config(**overrides) -> L.ListsConfig:
     base = dict(topics=TOPICS, samples=2, max_new_tokens=24, regen_max_new_tokens=16, sae_tokens=2048,
                 sae_width=64, sae_k=4, sites=("resid_post.0", "attn_z.1"), dashboard_tokens=512,
-                batch_size=5, bootstrap=50, embed_diversity=False, metric="end_of_turn")
+                batch_size=5, bootstrap=50, embed_diversity=False, metric="end_of_turn",
+                only_ended=False)  # a random model rarely ends a list itself
     return L.ListsConfig(**{**base, **overrides})
 
 
@@ -141,6 +142,13 @@ def test_base_model_is_refused(tmp_path):
     lm = tiny_lm("llama")
     with pytest.raises(StudyInputError, match="no chat template"):
         L.run_lists(tiny_config(), tmp_path, no_stage, lm=lm)
+
+
+def test_only_lists_the_model_ended_are_attributed():
+    rows = [{"last_position": 5, "ending": e, "template": "short"} for e in ("end_of_turn", "length", "text")]
+    rows.append({"last_position": None, "ending": "text", "template": "short"})
+    assert [r["ending"] for r in L.attributed(L.ListsConfig(), rows)] == ["end_of_turn", "text"]
+    assert len(L.attributed(L.ListsConfig(only_ended=False), rows)) == 3
 
 
 def test_default_sites_keep_relative_depth():

@@ -101,6 +101,9 @@ class ListsConfig:
     regen_temperature: float = 0.7
     regen_top_p: float = 0.8
     regen_max_new_tokens: int = 100
+    only_ended: bool = True
+    """Attribute and ablate only lists that ended before the length limit: a list cut off at
+    `max_new_tokens` has no last item the model chose to end on."""
     skip_first: int = 1
     """Leading positions left out of attribution rankings and maps (position 0 is an attention sink)."""
     bootstrap: int = 1000
@@ -300,9 +303,11 @@ def _metrics(tokens: Any) -> dict[str, Any]:
     return out
 
 
-def attributed(dataset: list[dict]) -> list[dict]:
-    """The lists that have a last item (so a metric position)."""
-    return [r for r in dataset if r["last_position"] is not None]
+def attributed(cfg: ListsConfig, dataset: list[dict]) -> list[dict]:
+    """The lists attributed (and ablated): those with a last item, so a metric position, and
+    with `only_ended` those the model ended itself rather than the length limit."""
+    return [r for r in dataset if r["last_position"] is not None
+            and not (cfg.only_ended and r["ending"] == "length")]
 
 
 def _through_last_item(record: dict) -> list[int]:
@@ -321,10 +326,11 @@ def attribute_dataset(sm: StudyModel, cfg: ListsConfig, dataset: list[dict],
     """
     from saelab.attribution import Attribution, attribute
 
-    rows = attributed(dataset)
+    rows = attributed(cfg, dataset)
     if not rows:
-        raise StudyInputError("no sampled list has an item, so there is nothing to attribute; "
-                              "is the model following the list prompt? (see dataset.jsonl)")
+        raise StudyInputError("no sampled list has an item and an end, so there is nothing to "
+                              "attribute; is the model following the list prompt? (see dataset.jsonl; "
+                              "more --samples, or a larger max_new_tokens, may help)")
     folder.mkdir(parents=True, exist_ok=True)
     metrics = {k: v for k, v in _metrics(sm.tokens).items() if only in (None, k)}
     update = stage("attribute", len(metrics) * len(rows))
@@ -420,7 +426,7 @@ def pair_edits(pairs: Pairs, site: str, row: int, every_step: bool) -> list[Any]
 
 
 def ablation_examples(cfg: ListsConfig, dataset: list[dict]) -> list[dict]:
-    return [r for r in attributed(dataset) if r["template"] in cfg.ablate_templates]
+    return [r for r in attributed(cfg, dataset) if r["template"] in cfg.ablate_templates]
 
 
 def ablate_dataset(sm: StudyModel, cfg: ListsConfig, dataset: list[dict], saes: dict[str, tuple[Any, Path]],
@@ -428,7 +434,7 @@ def ablate_dataset(sm: StudyModel, cfg: ListsConfig, dataset: list[dict], saes: 
     """Regenerate each chosen list from just before its last item's last token: unablated
     (once), and per SAE with its top-N pairs and with N random active pairs zeroed."""
     examples = ablation_examples(cfg, dataset)
-    row_of = {r["index"]: i for i, r in enumerate(attributed(dataset))}  # row in the Attribution
+    row_of = {r["index"]: i for i, r in enumerate(attributed(cfg, dataset))}  # row in the Attribution
     log = RecordLog(path, key=("sae", "condition", "index"))
     jobs: list[tuple[str | None, str]] = [(None, "control")]
     jobs += [(site, cond) for site in saes for cond in ("top", "random")]

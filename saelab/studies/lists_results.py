@@ -29,7 +29,7 @@ def summarize(cfg: Any, out: Path, sm: Any, dataset: list[dict], saes: dict[str,
 
     boot = {"n_boot": cfg.bootstrap, "seed": cfg.seed}
     embedder = SentenceEmbedder.find() if cfg.embed_diversity else None
-    rows = attributed(dataset)
+    rows = attributed(cfg, dataset)
     results = {
         "model": sm.lm.name, "preset": cfg.preset, "out": str(out),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
