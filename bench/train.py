@@ -254,7 +254,8 @@ def profile_saelab(train: torch.Tensor, batch: int, width: int, k: int, steps: i
             g = "Adam step"
         elif name.startswith("Optimizer.zero_grad"):
             g = "other"
-        elif "sparse" in name or name == "aten::index":
+        elif name in ("SparseEncodeGrad", "SparseDecode") or "sparse" in name \
+                or name == "aten::index":  # the Functions' forwards are recorded by class name
             g = "forward: sparse decode + gather"
         else:
             g = "other (loss, stats, renorm, radial grad, bookkeeping)"

@@ -132,3 +132,68 @@ def test_config_validation_names_the_field():
         SAESpec("resid_post.0", arch="gated")
     with pytest.raises(ValueError, match="k <= width"):
         SAESpec("resid_post.0", width=8, k=16)
+
+
+# ---------------------------------------------------------------------- sparse kernels
+def _codes(kind: str, pre: torch.Tensor, k: int):
+    from saelab.sae.base import SAEConfig, build_sae
+    from saelab.train.sparse_ops import topk_codes
+
+    if kind == "batchtopk":  # a variable number per row, chosen across the batch
+        sae = build_sae(SAEConfig("batchtopk", d_in=4, d_sae=pre.shape[1], k=k))
+        rows, cols, _ = sae.batch_topk(pre)
+        return rows, cols
+    if kind == "none_active":
+        return topk_codes(-pre.abs() - 1, k)
+    return topk_codes(pre, k)  # k per row but fewer where under k entries are positive
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "none_active"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_kernels_match_dense_autograd(kind, dtype):
+    """SparseEncodeGrad + SparseDecode give the dense autograd gradients of a top-k step."""
+    from saelab.train.sparse_ops import SparseCodes, SparseDecode, SparseEncodeGrad
+
+    n, d, f, k = 64, 16, 40, 5
+    g = torch.Generator().manual_seed(0)
+    x, target = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    ref = {"W_enc": torch.randn(d, f, generator=g) / d**0.5, "b_enc": torch.randn(f, generator=g),
+           "W_dec": torch.randn(f, d, generator=g) / d**0.5, "b_dec": torch.randn(d, generator=g)}
+    ref["b_enc"][:10] -= 5  # rarely active latents
+    ref = {name: t.double().requires_grad_() for name, t in ref.items()}
+    pre = ((x.double() - ref["b_dec"]) @ ref["W_enc"] + ref["b_enc"]).detach()
+    pre[3] = -1.0  # a row without entries
+    rows, cols = _codes(kind, pre, k)
+    mask = torch.zeros(n, f, dtype=torch.bool)
+    mask[rows, cols] = True
+    per_row = mask.sum(1)
+    assert per_row[3] == 0 and (kind == "none_active") == (rows.numel() == 0)
+    if kind == "topk":  # k per row, fewer where fewer than k are positive
+        assert per_row.max() == k and per_row.min() < k
+    if kind == "batchtopk":
+        assert per_row.sum() == k * n and per_row.max() > k
+
+    # dense reference in float64: the pre-activations are recomputed with autograd
+    acts = ((x.double() - ref["b_dec"]) @ ref["W_enc"] + ref["b_enc"]) * mask
+    out = acts @ ref["W_dec"] + ref["b_dec"]
+    (out - target.double()).pow(2).sum().backward()
+
+    p = {name: t.detach().to(dtype).requires_grad_() for name, t in ref.items()}
+    xc = x.to(dtype) - p["b_dec"]
+    codes = SparseCodes(rows, cols, pre.shape)
+    vals = SparseEncodeGrad.apply(xc.detach(), p["W_enc"], p["b_enc"], pre.to(dtype), codes,
+                                  p["b_dec"])
+    got = SparseDecode.apply(codes, vals, p["W_dec"]) + p["b_dec"]
+    (got - target.to(dtype)).pow(2).sum().backward()
+
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
+    torch.testing.assert_close(got.detach().double(), out.detach(), **tol)
+    for name in ref:
+        torch.testing.assert_close(p[name].grad.double(), ref[name].grad, **tol, msg=name)
+
+
+def test_sparse_codes_need_rows_in_order():
+    from saelab.train.sparse_ops import SparseCodes
+
+    with pytest.raises(ValueError, match="ascending"):
+        SparseCodes(torch.tensor([1, 0]), torch.tensor([0, 0]), (2, 2))

@@ -18,7 +18,7 @@ from saelab.sae.jumprelu import JumpReLUFn, StepFn
 from saelab.train import losses
 from saelab.train.config import SAESpec, TrainConfig
 from saelab.train.distributed import SINGLE, Dist
-from saelab.train.sparse_ops import SparseDecode, SparseEncodeGrad, topk_codes
+from saelab.train.sparse_ops import SparseCodes, SparseDecode, SparseEncodeGrad, topk_codes
 
 TOPK_FAMILY = ("topk", "batchtopk")
 
@@ -166,8 +166,10 @@ class SAEObjective:
                 self.batch_threshold = m * self.batch_threshold + (1 - m) * kth
         else:
             rows, cols = topk_codes(pre, self.spec.k)
-        vals = SparseEncodeGrad.apply(xc, sae.W_enc, sae.b_enc, pre, rows, cols)
-        x_hat = SparseDecode.apply(rows, cols, vals, sae.W_dec, n) + sae.b_dec
+        codes = SparseCodes(rows, cols, pre.shape)
+        vals = SparseEncodeGrad.apply(xc.detach(), sae.W_enc, sae.b_enc, pre, codes,
+                                      sae.b_dec)
+        x_hat = SparseDecode.apply(codes, vals, sae.W_dec) + sae.b_dec
         loss = losses.mse(x_hat, x)
         stats = {"mse": loss.item(), "fvu": losses.fvu(x_hat.detach(), x).item(),
                  "l0": rows.numel() / n}
@@ -177,8 +179,10 @@ class SAEObjective:
             k_aux = min(x.shape[1] // 2, n_dead)
             masked = pre.masked_fill(~dead, -torch.inf)
             arows, acols = topk_codes(masked, k_aux)
-            avals = SparseEncodeGrad.apply(xc, sae.W_enc, sae.b_enc, pre, arows, acols)
-            recon = SparseDecode.apply(arows, acols, avals, sae.W_dec, n)
+            acodes = SparseCodes(arows, acols, pre.shape)
+            avals = SparseEncodeGrad.apply(xc.detach(), sae.W_enc, sae.b_enc, pre, acodes,
+                                           sae.b_dec)
+            recon = SparseDecode.apply(acodes, avals, sae.W_dec)
             aux = losses.auxk((x - x_hat).detach(), recon)
             loss = loss + self.cfg.auxk_alpha * aux
             stats["auxk"] = aux.item()
