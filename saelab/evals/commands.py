@@ -30,7 +30,7 @@ def sae_folder(path: str | os.PathLike) -> Path:
 
 def run_eval(sae: str | os.PathLike, *, model: str | None = None, out: str | os.PathLike | None = None,
              device: str = "cpu", on_progress: Callable[[int, int], None] | None = None,
-             **settings: Any) -> dict:
+             on_sensitivity: Callable[[int, int], None] | None = None, **settings: Any) -> dict:
     """Load the SAE and its model in float32, evaluate, write eval.json + report.html.
 
     model: default the SAE's recorded model, else the embedded default. out: default
@@ -47,7 +47,8 @@ def run_eval(sae: str | os.PathLike, *, model: str | None = None, out: str | os.
     sae_obj = load_sae(sae, dtype="float32").to(device)
     lm = load_model(model or sae_obj.cfg.model_name or DEFAULT_MODEL, dtype="float32", device=device)
     out = Path(out) if out is not None else sae_folder(sae) / "eval"
-    result = evaluate(lm, sae_obj, config, out=out, on_progress=on_progress, sae_path=str(sae))
+    result = evaluate(lm, sae_obj, config, out=out, on_progress=on_progress, sae_path=str(sae),
+                      on_sensitivity=on_sensitivity)
     result["out"] = str(out)
     return result
 
@@ -113,6 +114,8 @@ def register(app: typer.Typer) -> None:
         downstream: Annotated[bool, typer.Option(help="ΔCE, loss recovered, KL (3 forwards per batch).")] = True,
         site: Annotated[str | None, typer.Option(help="Site; default the SAE's recorded site.")] = None,
         skip_contexts: Annotated[str, typer.Option(help="Contexts to skip first; 'auto' = past the SAE's training text.")] = "auto",
+        sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also the synthetic-activation sensitivity: KS of blow-up steps, synthetic vs real (slow: ~3 s per base on one CPU thread).")] = False,
+        sensitivity_n: Annotated[int, typer.Option(help="Bases of --sensitivity.")] = 200,
         out: Annotated[Path | None, typer.Option(help="Output folder; default SAE/eval.")] = None,
         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
         json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
@@ -120,22 +123,29 @@ def register(app: typer.Typer) -> None:
         """Evaluate an SAE: L0, FVU, cosine, shrinkage, dead/dense, ΔCE, loss recovered, KL."""
         status = console.status("loading the model and the SAE, finding held-out text")
         status.start()
-        bar, task = None, None
+        bar = None
+        tasks: dict[str, Any] = {}  # one progress bar per stage: eval, then sensitivity
 
-        def update(done: int, total: int) -> None:
-            nonlocal bar, task
-            if bar is None:  # rich shows one live display at a time: the status gives way
-                status.stop()
-                bar = progress()
-                bar.start()
-                task = bar.add_task("eval", total=total, info="")
-            bar.update(task, completed=done, total=total, info=f"{done:,} tokens")
+        def updater(name: str, unit: str) -> Callable[[int, int], None]:
+            def update(done: int, total: int) -> None:
+                nonlocal bar
+                if bar is None:  # rich shows one live display at a time: the status gives way
+                    status.stop()
+                    bar = progress()
+                    bar.start()
+                if name not in tasks:
+                    tasks[name] = bar.add_task(name, total=total, info="")
+                bar.update(tasks[name], completed=done, total=total, info=f"{done:,} {unit}")
+            return update
 
         try:
-            result = run_eval(sae, model=model, out=out, device=device, on_progress=update,
+            result = run_eval(sae, model=model, out=out, device=device,
+                              on_progress=updater("eval", "tokens"),
+                              on_sensitivity=updater("sensitivity", "bases"),
                               tokens=tokens, corpus=corpus, context=context, batch_size=batch_size,
                               bootstrap=bootstrap, seed=seed, mean_ablation=mean_ablation,
-                              downstream=downstream, site=site, skip_contexts=_skip(skip_contexts))
+                              downstream=downstream, site=site, skip_contexts=_skip(skip_contexts),
+                              sensitivity=sensitivity_n if sensitivity else 0)
         finally:
             status.stop()
             if bar is not None:
@@ -154,6 +164,12 @@ def register(app: typer.Typer) -> None:
         table.add_row("dead_fraction", _fmt(feats["dead_fraction"]), "")
         table.add_row("dense_fraction", _fmt(feats["dense_fraction"]), "")
         console.print(table)
+        if "sensitivity" in result:
+            sens = result["sensitivity"]
+            console.print(f"sensitivity ({sens['n']} bases, {sens['steps']} steps): KS of blow-up "
+                          "steps against real targets (0 = as real, 1 = disjoint)", highlight=False)
+            for kind, ks in sens["ks"].items():
+                console.print(f"  {kind}: L2 {_fmt(ks['l2'])}, KL {_fmt(ks['kl'])}", highlight=False)
         for note in result["notes"]:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
         console.print(f"wrote {result['out']}/eval.json and report.html")

@@ -75,12 +75,19 @@ class EvalConfig:
     metrics, as training does (0: keep all)."""
     skip_contexts: int | None = None
     """Contexts to skip at the corpus start; None = after the SAE's training text when known."""
+    sensitivity: int = 0
+    """Bases of the synthetic-activation sensitivity (KS of blow-up steps, evals/sensitivity.py);
+    0 = not measured."""
 
     def __post_init__(self) -> None:
-        for name, low in (("tokens", 1), ("context", 2), ("batch_size", 1), ("bootstrap", 0)):
+        for name, low in (("tokens", 1), ("context", 2), ("batch_size", 1), ("bootstrap", 0),
+                          ("sensitivity", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"EvalConfig.{name}={value!r}: expected an integer >= {low}")
+        if self.sensitivity == 1:
+            raise ValueError("EvalConfig.sensitivity=1: the sensitivity compares blow-up "
+                             "distributions; expected 0 (off) or at least 2 bases")
         if self.skip_contexts is not None and self.skip_contexts < 0:
             raise ValueError(f"EvalConfig.skip_contexts={self.skip_contexts}: expected >= 0 or None")
         if self.keep_error and not self.downstream:
@@ -95,13 +102,13 @@ class EvalConfig:
 
 def evaluate(lm, sae, config: EvalConfig | None = None, *, out: str | os.PathLike | None = None,
              on_progress: Callable[[int, int], None] | None = None, sae_path: str | None = None,
-             **settings: Any) -> dict:
+             on_sensitivity: Callable[[int, int], None] | None = None, **settings: Any) -> dict:
     """Evaluate `sae` on `lm`; return the eval.json dict and, with `out`, write the files.
 
     lm: a loaded LM or a model name / path (loaded in float32). sae: an SAE or a path
     `load_sae` reads (loaded in float32, recorded as `sae_path`). settings: EvalConfig fields (tokens, corpus, context, batch_size, bootstrap,
     mean_ablation, ...) when no config is given. on_progress(done, total) counts
-    token positions after each batch.
+    token positions after each batch; on_sensitivity(done, total) the sensitivity's bases.
     """
     cfg = config if config is not None else EvalConfig(**settings)
     if config is not None and settings:
@@ -162,6 +169,16 @@ def evaluate(lm, sae, config: EvalConfig | None = None, *, out: str | os.PathLik
                      "saelab/data/outliers.py.")
     features = acc.features()
     result = _assemble(cfg, lm, sae, site, corpus, skip, held_out, stats, features, notes)
+    if cfg.sensitivity:
+        from saelab.evals.sensitivity import DEFINITION, sensitivity
+
+        # Windows of held-out text too: past the contexts skipped above (each holds
+        # context - 1 text tokens after its BOS, or context without one).
+        text = skip * (cfg.context - int(context_bos_id(lm.tokenizer) is not None))
+        result["sensitivity"] = _json_safe(sensitivity(
+            lm, sae, site, n=cfg.sensitivity, corpus=corpus, seed=cfg.seed, skip_text_tokens=text,
+            on_progress=on_sensitivity))
+        result["definitions"]["sensitivity"] = DEFINITION
     result["sae"]["path"] = sae_path
     result["wall_time_s"] = round(time.perf_counter() - started, 3)
     if out is not None:

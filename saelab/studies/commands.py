@@ -16,4 +16,4 @@ def register(app: typer.Typer) -> None:
 
 
 # One module per study, each with `register(study_app)`; a study adds itself here.
-_STUDY_COMMANDS: list[str] = ["saelab.studies.lists_commands"]
+_STUDY_COMMANDS: list[str] = ["saelab.studies.lists_commands", "saelab.studies.synthetic_commands"]
