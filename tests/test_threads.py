@@ -29,11 +29,20 @@ def test_bad_env_is_refused(monkeypatch):
 
 
 def test_busy_cores_are_left_out(monkeypatch):
-    monkeypatch.delenv(threads.ENV, raising=False)
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert threads.idle_cores() == cores
-    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 5.0, 0.0, 0.0))
-    assert threads.idle_cores() == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (cores - 1.0, 0.0, 0.0))
-    assert threads.idle_cores() == 1
+    for busy, idle in ((0.0, cores), (cores + 5.0, 1), (cores - 1.0, 1), (0.4, cores)):
+        monkeypatch.setattr(threads, "busy_cores", lambda n, b=busy: b)
+        assert threads.idle_cores() == idle
+
+
+def test_busy_cores_from_proc_stat(monkeypatch):
+    samples = iter([(100, 1000), (100 + 150, 1000 + 200)])  # 75% of all jiffies busy
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    assert threads.busy_cores(2) == 1.5
+
+
+def test_busy_cores_falls_back_to_the_load_average(monkeypatch):
+    monkeypatch.setattr(threads, "_cpu_times", lambda: None)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.7, 0.0, 0.0))
+    assert threads.busy_cores(2) == 0.7
