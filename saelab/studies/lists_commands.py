@@ -38,8 +38,10 @@ def print_summary(results: dict, out: Path) -> None:
     items = ", ".join(f"{t} {s['mean']:.1f}" for t, s in data["templates"].items() if s["mean"] is not None)
     console.print(f"{data['n']} lists; items per list: {items}; long - short {num(data['contrast'])}")
     console.print(f"metric: {results['metric']['name']} ({results['metric']['reason']})", highlight=False)
-    table = Table("SAE", "Δ items, top-N", "Δ items, random-N", "Δ diversity, top-N", "error share",
-                  "effective", title=f"Ablating the top {results['config']['ablate']} attributed pairs")
+    table = Table(title=f"Ablating the top {results['config']['ablate']} attributed pairs")
+    table.add_column("SAE", no_wrap=True)  # a site name split over two lines cannot be copied back
+    for header in ("Δ items, top-N", "Δ items, random-N", "Δ diversity, top-N", "error share", "effective"):
+        table.add_column(header)
     for site, entry in results["saes"].items():
         ab = entry["ablation"]
         table.add_row(site, num(ab["top"]["n_items"]), num(ab["random"]["n_items"]),
