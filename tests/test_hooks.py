@@ -6,6 +6,7 @@ from tiny_models import TINY_FAMILIES, tiny_model
 
 from saelab.errors import ShapeMismatchError
 from saelab.models.hooks import capture, patch
+from saelab.models.kv_cache import cache_kwargs, returned_cache
 from saelab.models.sites import describe
 
 CASES = [(f, {}) for f in TINY_FAMILIES] + [("gpt_neox", {"use_parallel_residual": False})]
@@ -214,7 +215,7 @@ def test_positions_with_a_manual_cache():
     ids = _ids(pos=4)
     with patch(model, {"resid_pre.0": lambda x, ctx: seen.append(ctx.positions.tolist())}):
         out = model(input_ids=ids, use_cache=True)
-        model(input_ids=ids[:, :2], past_key_values=out.past_key_values, use_cache=True)
+        model(input_ids=ids[:, :2], **cache_kwargs(model, returned_cache(out)), use_cache=True)
         model(input_ids=ids)  # a fresh pass starts again at 0
     assert seen == [[0, 1, 2, 3], [4, 5], [0, 1, 2, 3]]
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from saelab.models.hooks import capture
+from saelab.models.kv_cache import cache_kwargs
 
 
 @dataclass
@@ -75,10 +76,10 @@ def _site_rows(lm, site: str, shared: list[int], rows: list[list[int]], reads: l
             # the rows' forwards that read it.
             cache = DynamicCache(config=lm.model.config)
             with capture(lm.model, site, arch=lm.arch) as cap:
-                cap.run(input_ids=torch.tensor([shared], device=lm.device), past_key_values=cache,
+                cap.run(input_ids=torch.tensor([shared], device=lm.device), **cache_kwargs(lm.model, cache),
                         use_cache=True)
             cache.batch_repeat_interleave(len(rows))
-            kwargs = {"past_key_values": cache, "use_cache": True}
+            kwargs = {**cache_kwargs(lm.model, cache), "use_cache": True}
         with capture(lm.model, site, arch=lm.arch) as cap:
             cap.run(input_ids=ids.to(lm.device), **kwargs)
         return cap[site][torch.arange(len(rows)), torch.tensor(reads)]  # (n, d)

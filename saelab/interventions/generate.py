@@ -5,7 +5,7 @@
                    saes=sae, edits=[FeatureEdit(1234, "set", 6.0, positions="generated")])
     out.texts[0]; out.samples[0].tokens; out.samples[0].stop      # "eos" or "length"
 
-Our own decoding loop over ``model(input_ids, past_key_values, attention_mask,
+Our own decoding loop over ``model(input_ids, cache, attention_mask,
 position_ids, use_cache=True)`` rather than HF ``generate``: it is the same
 computation (greedy output matches ``model.generate`` token for token) but the
 loop is ours, so sampling is per sample and edits see each row's absolute
@@ -37,6 +37,7 @@ from torch import Tensor
 from saelab.data.tokens import chat_prompt, encode_prompts, position_ids
 from saelab.interventions.edits import Edit, Frame, PatchEdit
 from saelab.interventions.splice import SAEs, splice, unwrap
+from saelab.models.kv_cache import cache_kwargs, returned_cache
 
 
 @dataclass
@@ -188,12 +189,12 @@ class _Forward:
         positions = position_ids(self.mask)  # (B, T): left padding does not count
         if self.use_cache and token is not None:
             out = self.model(input_ids=self.ids[:, -1:], attention_mask=self.mask,
-                             position_ids=positions[:, -1:], past_key_values=self.cache,
+                             position_ids=positions[:, -1:], **cache_kwargs(self.model, self.cache),
                              use_cache=True, **self.extra)
         else:
             out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=positions,
                              use_cache=self.use_cache, **self.extra)
-        self.cache = out.past_key_values if self.use_cache else None
+        self.cache = returned_cache(out) if self.use_cache else None
         return out.logits[:, -1].float()  # (B, V)
 
 

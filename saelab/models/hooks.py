@@ -182,7 +182,8 @@ def _positions(signature: inspect.Signature, args: tuple, kwargs: dict) -> Tenso
     tokens = tokens if tokens is not None else get("inputs_embeds")
     if tokens is None:
         return None
-    cache = get("past_key_values")
+    cache = get("cache")  # transformers >= 5.24
+    cache = cache if cache is not None else get("past_key_values")
     if cache is None:
         past = 0
     elif hasattr(cache, "get_seq_length"):

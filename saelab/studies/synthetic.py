@@ -39,6 +39,7 @@ from torch import Tensor
 from saelab.errors import SaelabError
 from saelab.interventions.splice import one_site, unwrap
 from saelab.models.hooks import capture, patch
+from saelab.models.kv_cache import cache_kwargs, returned_cache
 from saelab.studies.synthetic_report import blowups, plateau_length
 from saelab.studies.synthetic_targets import (
     Gaussian,
@@ -204,7 +205,7 @@ def sweep(lm: Any, site: str, windows: Tensor, targets: Tensor, coefs: Tensor,
         b, k, s = valid[g].nonzero(as_tuple=True)  # b indexes the group
         order = torch.argsort((s != 0).int(), stable=True)  # reference rows first
         b, k, s = b[order], k[order], s[order]
-        prefix = model(input_ids=windows[g, :-1].to(device), use_cache=True).past_key_values
+        prefix = returned_cache(model(input_ids=windows[g, :-1].to(device), use_cache=True))
         refs: dict[tuple[int, int], int] = {}  # (b, k) -> index into ref_h / ref_lp
         ref_h: list[Tensor] = []
         ref_lp: list[Tensor] = []
@@ -222,7 +223,7 @@ def sweep(lm: Any, site: str, windows: Tensor, targets: Tensor, coefs: Tensor,
             cache.batch_select_indices(rb.to(device))
             with patch(model, {site: write}, arch=arch), \
                     capture(model, final, arch=arch, stop_early=False) as cap:
-                cap.run(input_ids=windows[g[rb], -1:].to(device), past_key_values=cache,
+                cap.run(input_ids=windows[g[rb], -1:].to(device), **cache_kwargs(model, cache),
                         position_ids=torch.full((len(rb), 1), P - 1, device=device), use_cache=True)
             h, logits = cap[final][:, -1].float(), cap.output.logits[:, -1].float()  # (R, d), (R, V)
             _finite(h, logits, site)
