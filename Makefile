@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test lint chromium
+.PHONY: setup demo test lint chromium bench-peers
 
 setup: $(VENV)/.installed
 
@@ -38,3 +38,14 @@ test: setup chromium
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The peers the benchmarks compare against, each in its own venv (never saelab's
+# dependencies); CPU torch first in each, or pip pulls a multi-GB CUDA build.
+bench-peers:
+	for venv in saelens sparsify saedash; do \
+	  test -x bench/.venv-$$venv/bin/python || python3 -m venv bench/.venv-$$venv; \
+	  bench/.venv-$$venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0; \
+	done
+	bench/.venv-saelens/bin/python -m pip install --quiet --disable-pip-version-check sae-lens==6.54.12
+	bench/.venv-sparsify/bin/python -m pip install --quiet --disable-pip-version-check eai-sparsify==1.3.3
+	bench/.venv-saedash/bin/python -m pip install --quiet --disable-pip-version-check sae-dashboard "pyarrow<21"

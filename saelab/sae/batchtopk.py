@@ -69,8 +69,7 @@ class BatchTopKSAE(SAE):
     def batch_topk(self, pre: Float[Tensor, "N d_sae"]) -> tuple[Tensor, Tensor, Tensor]:
         """The k·N largest positive entries of ReLU(pre): (rows, cols, vals), rows ascending."""
         n, d_sae = pre.shape
-        acts = torch.relu(pre)
-        flat = acts.reshape(-1)
+        flat = pre.reshape(-1)  # ReLU(pre) is never formed: only positive entries can win
         if n == 0:
             empty = torch.zeros(0, dtype=torch.long, device=pre.device)
             return empty, empty, flat[empty]
@@ -78,7 +77,7 @@ class BatchTopKSAE(SAE):
             # Each token's own top-k gives k·N values >= their minimum, so the batch's
             # (k·N)-th largest is >= it too: only entries above that floor can win,
             # which avoids a top-k over all N·d_sae entries (~4x faster on CPU).
-            floor = acts.detach().topk(self.cfg.k, dim=-1, sorted=False).values.min()
+            floor = pre.detach().topk(self.cfg.k, dim=-1, sorted=False).values.min()
             keep = flat.detach() >= floor if floor > 0 else flat.detach() > 0
             cand = keep.nonzero().squeeze(1)  # (C,) ascending
             budget = self.cfg.k * n

@@ -118,8 +118,10 @@ class SparseEncodeGrad(torch.autograd.Function):
     def forward(ctx, xc, W_enc, b_enc, pre, codes, b_dec):
         ctx.save_for_backward(xc, W_enc)
         ctx.codes = codes
-        # one index_select on the flat view: ~3x faster than pre[rows, cols]
-        return pre.reshape(-1).index_select(0, codes.rows * pre.shape[1] + codes.cols)
+        # one index_select on the flat view: ~3x faster than pre[rows, cols]; values in the
+        # weights' dtype (fp32 master weights), whatever dtype `pre` was computed in
+        vals = pre.reshape(-1).index_select(0, codes.rows * pre.shape[1] + codes.cols)
+        return vals.to(W_enc.dtype)
 
     @staticmethod
     def backward(ctx, grad_vals):
