@@ -197,3 +197,29 @@ def test_sparse_codes_need_rows_in_order():
 
     with pytest.raises(ValueError, match="ascending"):
         SparseCodes(torch.tensor([1, 0]), torch.tensor([0, 0]), (2, 2))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_bf16_compute_learns_what_fp32_learns(cache, tmp_path, arch):
+    """bf16 compute (the default where the CPU has AMX): the encoder output stays bf16 and
+    is reused across steps, the chosen values and all weights stay fp32, and the SAE
+    recovers the dictionary as well as an fp32 run."""
+    from synthetic import sparse_data
+
+    from saelab.train.objective import SAEObjective
+
+    folder, dictionary = cache
+    fp32 = train(config(arch, tokens=2 * TOKENS), folder, tmp_path / "fp32")
+    bf16 = train(config(arch, tokens=2 * TOKENS, dtype="bfloat16"), folder, tmp_path / "bf16")
+    label = f"resid_post.0-{arch}-128-k3"
+    assert bf16.final[label]["fvu"] == pytest.approx(fp32.final[label]["fvu"], abs=0.05)
+    assert mcs(dictionary, load_sae(bf16.sae_dirs[label]).W_dec.detach()) > 0.8
+
+    obj = SAEObjective(config(arch).saes[0], dictionary.shape[1], config(arch), torch.bfloat16, {})
+    x = sparse_data(1024)[0]
+    obj.train_step(x[:512], 4)
+    buffer = obj._pre
+    obj.train_step(x[512:], 4)
+    assert obj._pre is buffer and buffer.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in obj.params)
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in obj.params)
