@@ -12,6 +12,7 @@ from tiny_lm import tiny_lm
 from typer.testing import CliRunner
 
 from saelab.studies import lists as L
+from saelab.studies import lists_ablation as A
 from saelab.studies.lists_data import StudyInputError, metric_tokens
 from saelab.studies.records import RecordLog
 
@@ -86,17 +87,17 @@ def test_ablating_inactive_features_changes_nothing(tiny_run):
     lm, out, _ = tiny_run
     cfg = tiny_config()
     dataset = RecordLog(out / "dataset.jsonl", key="index").values()
-    examples = L.ablation_examples(cfg, dataset)[:3]
+    examples = A.ablation_examples(cfg, dataset)[:3]
     sae = L.load_study_saes(lm, cfg, out, no_stage)["resid_post.0"][0]
     mt = metric_tokens(lm.tokenizer)
     sm = L.StudyModel(lm, mt.end_of_turn, mt)
     prefixes = [(r["prompt_ids"] + r["generated"])[:r["last_position"]] for r in examples]
-    control = L._regenerate(sm, cfg, examples, prefixes, [], None, {}, "-", "control",
-                            [L.Pairs((), ())] * len(examples))
+    control = A._regenerate(sm, cfg, examples, prefixes, [], None, {}, "-", "control",
+                            [A.Pairs((), ())] * len(examples))
     # zero a feature where it is not active: the SAE is spliced but its output is unchanged
-    edits = [e for row in range(len(examples)) for e in L.pair_edits(L.Pairs((0,), (0,)), "resid_post.0", row, False)]
-    same = L._regenerate(sm, cfg, examples, prefixes, edits, "resid_post.0", {"resid_post.0": (sae, None)},
-                         "resid_post.0", "top", [L.Pairs((0,), (0,))] * len(examples))
+    edits = [e for row in range(len(examples)) for e in A.pair_edits(A.Pairs((0,), (0,)), "resid_post.0", row, False)]
+    same = A._regenerate(sm, cfg, examples, prefixes, edits, "resid_post.0", {"resid_post.0": (sae, None)},
+                         "resid_post.0", "top", [A.Pairs((0,), (0,))] * len(examples))
     assert [r["new_tokens"] for r in same] == [r["new_tokens"] for r in control]
 
 
@@ -107,12 +108,12 @@ def test_top_and_random_pairs():
     value = torch.tensor([9.0, 1.0, -2.0, 3.0, 0.5, 4.0])
     sa = SiteAttribution("s", 8, index, torch.ones(6), value, torch.zeros(2, 4))
     attr = Attribution({"s": sa}, [[1, 2, 3, 4], [1, 2]], torch.zeros(2), "grad")
-    top = L.top_pairs(attr, "s", 0, 2, skip_first=1)
-    assert top == L.Pairs((2, 1), (4, 2))  # position 0 left out, negatives never chosen
-    rand = L.random_pairs(attr, "s", 0, 5, skip_first=1, exclude=top, seed=0)
+    top = A.top_pairs(attr, "s", 0, 2, skip_first=1)
+    assert top == A.Pairs((2, 1), (4, 2))  # position 0 left out, negatives never chosen
+    rand = A.random_pairs(attr, "s", 0, 5, skip_first=1, exclude=top, seed=0)
     assert set(zip(rand.positions, rand.features, strict=True)) == {(1, 3), (3, 5)}
-    assert L.random_pairs(attr, "s", 0, 1, 1, top, seed=4) == L.random_pairs(attr, "s", 0, 1, 1, top, seed=4)
-    edits = L.pair_edits(L.Pairs((2, 1, 2), (4, 2, 6)), "s", 3, every_step=True)
+    assert A.random_pairs(attr, "s", 0, 1, 1, top, seed=4) == A.random_pairs(attr, "s", 0, 1, 1, top, seed=4)
+    edits = A.pair_edits(A.Pairs((2, 1, 2), (4, 2, 6)), "s", 3, every_step=True)
     assert [(e.positions, list(e.features)) for e in edits] == [([1], [2]), ([2], [4, 6]), ("generated", [2, 4, 6])]
     assert all(e.rows == [3] and e.mode == "zero" for e in edits)
 

@@ -25,7 +25,8 @@ def summarize(cfg: Any, out: Path, sm: Any, dataset: list[dict], saes: dict[str,
               attrs: dict[str, Any], metric_name: str, reason: str, ablation: Any,
               dashboards: dict[str, dict]) -> dict:
     """The `results` dict of the report (schema in lists_report.py)."""
-    from saelab.studies.lists import ablation_examples, attributed
+    from saelab.studies.lists import attributed
+    from saelab.studies.lists_ablation import ablation_examples
 
     boot = {"n_boot": cfg.bootstrap, "seed": cfg.seed}
     embedder = SentenceEmbedder.find() if cfg.embed_diversity else None
