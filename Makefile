@@ -3,7 +3,8 @@
 # embedded model weights); the set-up is skipped when nothing changed.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+PIP_INSTALL := -m pip install --quiet --disable-pip-version-check
+PIP := $(PY) $(PIP_INSTALL)
 
 .PHONY: setup demo test lint chromium bench-peers
 
@@ -44,8 +45,8 @@ lint: setup
 bench-peers:
 	for venv in saelens sparsify saedash; do \
 	  test -x bench/.venv-$$venv/bin/python || python3 -m venv bench/.venv-$$venv; \
-	  bench/.venv-$$venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0; \
+	  bench/.venv-$$venv/bin/python $(PIP_INSTALL) torch==2.13.0; \
 	done
-	bench/.venv-saelens/bin/python -m pip install --quiet --disable-pip-version-check sae-lens==6.54.12
-	bench/.venv-sparsify/bin/python -m pip install --quiet --disable-pip-version-check eai-sparsify==1.3.3
-	bench/.venv-saedash/bin/python -m pip install --quiet --disable-pip-version-check sae-dashboard "pyarrow<21"
+	bench/.venv-saelens/bin/python $(PIP_INSTALL) sae-lens==6.54.12
+	bench/.venv-sparsify/bin/python $(PIP_INSTALL) eai-sparsify==1.3.3
+	bench/.venv-saedash/bin/python $(PIP_INSTALL) sae-dashboard "pyarrow<21"
