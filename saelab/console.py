@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
+from typing import Annotated
 
+import typer
 from rich.console import Console
+from rich.markup import escape as _markup_escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -43,3 +47,31 @@ def quiet_transformers():
         yield
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Embedded name, HF id, folder or .gguf.")]
+
+
+def user_errors(fn):
+    """Print a SaelabError as a one-line message with its exit code, no traceback."""
+    from saelab.errors import SaelabError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            with quiet_transformers():
+                return fn(*args, **kwargs)
+        except SaelabError as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: complete work was kept; rerun to resume.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def escape(text: str) -> str:
+    """Model text is printed literally: rich markup in it must not be interpreted."""
+    return _markup_escape(text)

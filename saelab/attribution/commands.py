@@ -13,12 +13,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
 
 from saelab.attribution.attribute import attribute
 from saelab.attribution.metrics import as_metric
 from saelab.attribution.result import Attribution
 from saelab.attribution.verify import Verification, verify
+from saelab.console import JsonFlag, ModelOpt, console, emit_json, escape, user_errors
+from saelab.errors import SaelabError
 
 
 @dataclass
@@ -102,3 +107,45 @@ def _sae(sae: Any) -> Any:
 
         return load_sae(sae)
     return sae
+
+
+@user_errors
+def attribute_cmd(
+    prompt: Annotated[str, typer.Option(help="The prompt (the user turn with --chat).")],
+    sae: Annotated[list[Path], typer.Option(help="SAE folder; repeat to attribute through several at once.")],
+    metric: Annotated[str, typer.Option(help='e.g. \'logit_diff:" ":"\\n"@-1\' (KIND:A:B@POS) or \'logprob:"text"\'.')],
+    model: ModelOpt = "smollm2-135m-instruct",
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
+    top: Annotated[int, typer.Option(help="Pairs to show.")] = 20,
+    method: Annotated[str, typer.Option(help="grad (act x grad) or ig (integrated gradients).")] = "grad",
+    ig_steps: Annotated[int, typer.Option(help="Integrated-gradient steps.")] = 8,
+    verify: Annotated[int, typer.Option(help="Ablate the top/bottom N features and compare.")] = 0,
+    save: Annotated[Path | None, typer.Option(help="Save the full sparse attribution (safetensors).")] = None,
+    json: JsonFlag = False,
+) -> None:
+    """Which SAE features drive a metric: act x gradient for every (position, feature)."""
+    try:
+        result = run_attribute(model, [str(p) for p in sae], prompt, metric, top=top, chat=chat,
+                               method=method, ig_steps=ig_steps, verify_top=verify, save=save)
+    except ValueError as err:
+        raise SaelabError(str(err)) from None
+    if json:
+        return emit_json(result.to_json())
+    table = Table("#", "site", "pos", "token", "feature", "act", "attribution",
+                  title=f"metric {result.metric:.4g}: top pairs")
+    for r in result.rows():
+        table.add_row(str(r["rank"]), r["site"], str(r["position"]), escape(repr(r["token"])),
+                      str(r["feature"]), f"{r['act']:.3g}", f"{r['attribution']:+.4g}")
+    console.print(table)
+    sites = Table("site", "through features", "through error", title="first-order share per SAE")
+    for r in result.site_rows():
+        sites.add_row(r["site"], f"{r['features']:+.4g}", f"{r['error']:+.4g}")
+    console.print(sites)
+    if result.verification is not None:
+        console.print(f"verification: predicted vs measured ablation effect, Pearson r = "
+                      f"{result.verification.correlation():.3f}")
+
+
+def register(app: typer.Typer) -> None:
+    """Mount `attribute` on the root app."""
+    app.command("attribute")(attribute_cmd)

@@ -3,7 +3,7 @@
     result = run_eval("runs/x/resid_post.12-w4608-k32", tokens=10_000)   # writes eval.json ...
     result = run_compare("sae_a", "sae_b", hungarian=True)
 
-In saelab/cli.py, after `user_errors` is defined::
+saelab/cli.py mounts it::
 
     from saelab.evals.commands import register
     register(app)
@@ -96,8 +96,7 @@ def register(app: typer.Typer) -> None:
     """Add the `eval` and `compare` commands to the saelab typer app."""
     from rich.table import Table
 
-    from saelab.cli import user_errors
-    from saelab.console import console, emit_json, progress
+    from saelab.console import console, emit_json, progress, user_errors
 
     @app.command("eval")
     @user_errors

@@ -2,7 +2,7 @@
 
     folders = run_features("runs/x", tokens=50_000, out="runs/feats")   # {name: index folder}
 
-In saelab/cli.py, after `user_errors` is defined::
+saelab/cli.py mounts it::
 
     from saelab.features.commands import register
     register(app)
@@ -61,8 +61,7 @@ def run_features(sae: str | os.PathLike, *, model: str | None = None,
 
 def register(app: typer.Typer) -> None:
     """Add the `features` and `serve` commands to the saelab typer app."""
-    from saelab.cli import user_errors
-    from saelab.console import console, emit_json, progress
+    from saelab.console import console, emit_json, progress, user_errors
 
     @app.command("features")
     @user_errors

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+from rich.table import Table
+
+from saelab.console import JsonFlag, ModelOpt, console, emit_json, escape, user_errors
+from saelab.errors import SaelabError
 from saelab.interventions.edits import FeatureEdit, Positions
 from saelab.interventions.generate import Generation, generate
 
@@ -100,3 +105,44 @@ def _sae(sae: Any) -> Any:
 
         return load_sae(sae)
     return sae
+
+
+@user_errors
+def generate_cmd(
+    prompt: Annotated[str, typer.Option(help="The prompt (the user turn with --chat).")],
+    model: ModelOpt = "smollm2-135m-instruct",
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
+    sae: Annotated[Path | None, typer.Option(help="SAE folder whose feature is edited.")] = None,
+    feature: Annotated[int | None, typer.Option(help="Feature to edit.")] = None,
+    mode: Annotated[str, typer.Option(help="add (steer by strength x W_dec[f]), clamp, zero, scale.")] = "add",
+    strength: Annotated[float, typer.Option(help="Added amount, clamp value or factor.")] = 4.0,
+    positions: Annotated[str, typer.Option(help="all, prompt, generated, or P: (from P on).")] = "all",
+    seed: Annotated[int, typer.Option(help="Seed of the first sample (samples use seed..seed+n-1).")] = 0,
+    n: Annotated[int, typer.Option(help="Samples.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
+    json: JsonFlag = False,
+) -> None:
+    """Generate with and without a feature edit, same seeds, side by side."""
+    try:
+        result = run_generate(model, prompt, chat=chat, sae=sae, feature=feature, mode=mode,
+                              strength=strength, positions=positions, seed=seed, n=n,
+                              max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p)
+    except ValueError as err:
+        raise SaelabError(str(err)) from None
+    if json:
+        return emit_json(result.to_json())
+    edited = result.edited is not None
+    table = Table("seed", "unedited", *(["edited"] if edited else []), show_lines=True,
+                  title=f"feature {feature}, {mode} {strength}" if edited else None)
+    for row in result.rows():
+        table.add_row(str(row["seed"]), escape(row["unedited"]),
+                      *([escape(row["edited"])] if edited else []))
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Mount `generate` on the root app."""
+    app.command("generate")(generate_cmd)

@@ -60,3 +60,8 @@ def convert_cmd(
         typer.echo()
     else:
         typer.echo(f"wrote {info['format']} SAE to {info['path']}\n" + format_info(info))
+
+
+def register(root: typer.Typer) -> None:
+    """Mount `saelab sae` on the root app."""
+    root.add_typer(app, name="sae")

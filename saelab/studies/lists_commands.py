@@ -54,7 +54,7 @@ def print_summary(results: dict, out: Path) -> None:
 
 
 def register(study_app: typer.Typer) -> None:
-    from saelab.cli import user_errors
+    from saelab.console import user_errors
 
     @study_app.command("lists")
     @user_errors

@@ -50,8 +50,7 @@ def register(study_app: typer.Typer) -> None:
     """Add `synthetic` to the `saelab study` app."""
     from rich.table import Table
 
-    from saelab.cli import user_errors
-    from saelab.console import console, emit_json, progress
+    from saelab.console import console, emit_json, progress, user_errors
 
     @study_app.command("synthetic")
     @user_errors
