@@ -27,6 +27,12 @@ class LiveError(Exception):
     status = 409
 
 
+class PromptTooLongError(LiveError):
+    """A prompt over the live pages' token limit: 413, as one over the character limit."""
+
+    status = 413
+
+
 class Live:
     def __init__(self, device: str = "cpu"):
         self.device = device
@@ -74,7 +80,7 @@ class Live:
                 # huge norm, so a special token sits there, never the first word.
                 ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
             if ids.shape[1] > max_tokens:
-                raise ValueError(f"the prompt has {ids.shape[1]} tokens; at most {max_tokens}")
+                raise PromptTooLongError(f"the prompt has {ids.shape[1]} tokens; at most {max_tokens}")
             site = sae.cfg.site
             with capture(lm.model, site, arch=lm.arch) as cap:
                 cap.run(input_ids=ids.to(lm.device))

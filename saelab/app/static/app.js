@@ -96,8 +96,11 @@ function histogram(counts, top) {
 // ---------------------------------------------------------------- pages
 
 async function home() {
-  const saes = await api("saes");
-  main.replaceChildren(el("h1", {}, "SAEs"), el("table", {},
+  const [saes, damaged] = await Promise.all([api("saes"), api("damaged")]);
+  // damaged indexes are named (as text) above the table, with the command that rebuilds them
+  const broken = damaged.length ? [el("div", {id: "damaged"}, el("h2", {}, "Damaged indexes"),
+    ...damaged.map((d) => el("p", {class: "error"}, d.message)))] : [];
+  main.replaceChildren(el("h1", {}, "SAEs"), ...broken, el("table", {},
     el("tr", {}, ...["SAE", "site", "model", "features", "L0", "alive", "tokens"].map((h) => el("th", {}, h))),
     ...saes.map((s) => el("tr", {},
       el("td", {}, el("a", {href: saeUrl(s.name)}, s.name)), el("td", {}, s.sae.site),
