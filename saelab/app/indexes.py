@@ -55,7 +55,7 @@ class Damaged:
 
 
 def open_indexes(run_dir: Path) -> tuple[dict[str, FeatureIndex], dict[str, Damaged]]:
-    """Open every index at or below `run_dir` (3 folders deep); log each damaged one (warning)."""
+    """Open every index at or below `run_dir` (3 folders deep), and name the damaged ones."""
     saes: dict[str, FeatureIndex] = {}
     damaged: dict[str, Damaged] = {}
     good = find_indexes(run_dir, max_depth=MAX_DEPTH)
@@ -70,8 +70,6 @@ def open_indexes(run_dir: Path) -> tuple[dict[str, FeatureIndex], dict[str, Dama
         if problem is not None:
             del saes[name]
             damaged[name] = problem
-    for d in damaged.values():
-        log.warning("%s", d.message)
     return saes, damaged
 
 

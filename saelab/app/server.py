@@ -85,10 +85,14 @@ class App:
             raise SaelabError(f"{run_dir} does not exist or is not a folder; give the --out folder "
                               "of `saelab features`.")
         self.saes, self.damaged = open_indexes(self.run_dir)
-        if not self.saes and self.damaged:
-            first = next(iter(self.damaged.values()))
-            more = f" ({len(self.damaged) - 1} more damaged index(es) logged above)" if len(self.damaged) > 1 else ""
-            raise CorruptFileError(first.message + more)
+        damaged = list(self.damaged.values())
+        if not self.saes and damaged:  # nothing to serve: the first damaged index is the error
+            for d in damaged[1:]:
+                log.warning("%s", d.message)
+            more = f" ({len(damaged) - 1} more damaged index(es) logged above)" if len(damaged) > 1 else ""
+            raise CorruptFileError(damaged[0].message + more)
+        for d in damaged:  # served anyway: each is named in the log, on / and on its pages
+            log.warning("%s", d.message)
         if not self.saes:
             raise SaelabError(f"no feature index under {run_dir} (looked for index.json up to 3 "
                               "folders deep). Create one with `saelab features SAE_DIR --out DIR`, "
