@@ -372,3 +372,26 @@ def test_non_loopback_host_warns(built, caplog):
     with caplog.at_level(logging.WARNING, logger="saelab.app"):
         make_server(built[0], host="127.0.0.1", port=0).server_close()
     assert not any("reachable" in r.getMessage() for r in caplog.records)
+
+
+def test_home_page_lists_damaged_index_as_text(served):
+    """In a real browser (chromium, when installed): / names the damaged file, escaped."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    server = start(make_server(served, port=0))
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium,
+                                        args=["--headless", "--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+            page.wait_for_selector("#damaged p.error", timeout=30_000)
+            text = page.inner_text("#damaged")
+            assert str(served / BAD / "features.parquet") in text and "saelab features" in text
+            assert page.locator("#damaged b").count() == 0  # the name is text, not markup
+            assert page.locator("table a").all_inner_texts() == ["good"]
+            browser.close()
+    finally:
+        stop(server)
