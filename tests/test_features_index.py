@@ -109,7 +109,8 @@ def server(run):
 def call(server, path, body=None, raw=None, headers=None):
     url = f"http://127.0.0.1:{server.server_address[1]}{path}"
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, headers=headers or {})
+    headers = {**({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})}
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as res:
             return res.status, json.loads(res.read())

@@ -79,7 +79,8 @@ def request(port, method, path, body=None, headers=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT)
     try:
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers=headers or {})
+        json_type = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers={**json_type, **(headers or {})})
         res = conn.getresponse()
         text = res.read().decode()
         is_json = res.getheader("Content-Type") == "application/json"
@@ -203,6 +204,19 @@ def test_well_typed_requests_still_work(port):
         "prompt": "hi", "feature": f, "mode": "clamp", "strength": 3, "max_new_tokens": 2,
         "seed": 1, "temperature": 0.0, "chat": False})
     assert status == 200 and set(body) == {"unsteered", "steered", "stop", "seed"}
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded",
+                                   "multipart/form-data; boundary=x", None])
+def test_only_json_bodies_are_read(port, ctype):
+    # what a page on another site may POST without a CORS preflight is refused
+    head = post_head("/api/saes/tiny/search", "Content-Length: 13\r\n")
+    head = head.replace("Content-Type: application/json\r\n", f"Content-Type: {ctype}\r\n" if ctype else "")
+    status, body = raw(port, (head + "\r\n").encode() + b'{"text":"hi"}')
+    assert status == 415 and "application/json" in json.loads(body)["error"]
+    status, _ = request(port, "POST", "/api/saes/tiny/search", {"text": "hi"},
+                        headers={"Content-Type": "application/json; charset=utf-8"})
+    assert status == 200
 
 
 # ---------------------------------------------------------------- limits

@@ -2,7 +2,7 @@
 
 Every value a client sends is checked here before the server uses it, by JSON
 type, not by truthiness: `true` is not the integer 1, `"no"` is not a boolean,
-`5.0` is not a feature id. A body nested deeper than MAX_DEPTH is refused before
+`5.0` is not a feature id. Bodies are JSON by Content-Type too (415 otherwise). A body nested deeper than MAX_DEPTH is refused before
 the parser recurses, and a POST without one valid Content-Length is answered at
 once (411/400) instead of waiting for bytes that never come.
 
@@ -67,12 +67,19 @@ def content_length(headers: Message) -> int:
 def read_json_body(headers: Message, rfile: BinaryIO) -> dict[str, Any]:
     """Read and parse a POST body that must be a JSON object (an empty body is `{}`).
 
-    Raises HttpError 411/400/413 (see `content_length`), 408 when the client
+    Raises HttpError 411/400/413 (see `content_length`), 415 unless the
+    Content-Type is application/json, 408 when the client
     stops sending before Content-Length bytes (the socket's read timeout), 400
     for a body that is cut short, not UTF-8, nested deeper than MAX_DEPTH, not
     JSON (NaN and Infinity included), holds a key twice, or is not an object.
     """
     length = content_length(headers)
+    # Only JSON: a page on another site can send a text/plain or form POST to localhost
+    # without asking, but a JSON one needs a CORS preflight that this server never grants.
+    ctype = headers.get_content_type() if headers.get("Content-Type") else None
+    if ctype != "application/json":
+        raise HttpError(415, f"the request body must be sent as Content-Type: application/json, "
+                             f"got {str(headers.get('Content-Type'))[:60]!r}")
     try:
         raw = rfile.read(length) if length else b""
     except TimeoutError:
