@@ -374,6 +374,23 @@ def test_index_without_examples_is_damaged(built, tmp_path):
     assert "examples.parquet is missing" in app.damaged["b"].message
 
 
+def test_damaged_sae_weights_give_503_naming_the_file(built, tmp_path):
+    shutil.copytree(built[0] / "tiny", tmp_path / "served" / "x")
+    meta_path = tmp_path / "served" / "x" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "cfg.json").write_text('{"d_in": ')  # cut short
+    (tmp_path / "sae" / "sae_weights.safetensors").write_bytes(b"\0" * 16)
+    meta["sae"]["path"] = str(tmp_path / "sae")
+    meta_path.write_text(json.dumps(meta))
+    server = start(make_server(tmp_path / "served", port=0))
+    try:
+        status, body = request(server.server_address[1], "POST", "/api/saes/x/search", {"text": "hi"})
+        assert status == 503 and str(tmp_path / "sae" / "cfg.json") in body["error"], body
+    finally:
+        stop(server)
+
+
 # ---------------------------------------------------------------- --host
 
 

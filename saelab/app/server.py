@@ -235,6 +235,11 @@ class App:
             return fn()
         except LiveError as err:
             raise HttpError(err.status, str(err)) from None
+        except SaelabError as err:  # a damaged SAE file (503, logged) or another user error (409)
+            if err.exit_code == CorruptFileError.exit_code:
+                log.warning("live request: %s", err)
+                raise HttpError(503, str(err)) from None
+            raise HttpError(409, str(err)) from None
         except ValueError as err:
             raise HttpError(400, str(err)) from None
 
