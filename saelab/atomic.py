@@ -141,10 +141,21 @@ def _temporaries(target: Path, kind: str) -> list[Path]:
     return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir())
 
 
+def _own_temporary(owned: set[str]) -> re.Pattern[str]:
+    """Names of temporaries our writers make for the set's files: `.NAME.tmp`
+    (atomic_write_text and the like) and `.NAME.XXXXXXXX.tmp` (tempfile.mkstemp)."""
+    names = "|".join(re.escape(n) for n in sorted(owned)) or "(?!)"
+    return re.compile(rf"\.(?:{names})(?:\.[a-z0-9_]{{8}})?\.tmp")
+
+
 def _carry(src: Path, dst: Path, owned: set[str]) -> None:
-    """Move entries of `src` that are not part of the set into `dst` (never overwriting)."""
+    """Move entries of `src` that are not part of the set into `dst` (never overwriting);
+    the set's own files and our temporaries of them stay behind, to be deleted."""
+    ours = _own_temporary(owned)
     for entry in sorted(src.iterdir()):
-        if entry.name not in owned and not (dst / entry.name).exists():
+        if entry.name in owned or ours.fullmatch(entry.name):
+            continue
+        if not (dst / entry.name).exists():
             os.rename(entry, dst / entry.name)
 
 
