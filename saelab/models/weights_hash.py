@@ -78,6 +78,7 @@ def weights_hash(folder: str | os.PathLike) -> str:
         try:
             from saelab.atomic import atomic_write_text
 
+            memo = {k: v for k, v in memo.items() if os.path.exists(k)}  # forget deleted files
             memo_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(memo_path, json.dumps(memo))
         except OSError:  # a read-only cache only costs the next load a re-hash
