@@ -182,7 +182,8 @@ def write_folder(target: str | os.PathLike, owned: Iterable[str],
     an old `sparsity.safetensors` does not outlive a new set without one).
     Then the new folder replaces `target` in one rename, and entries of the
     old folder outside `owned` are moved into it. Returns `target`.
-    Raises whatever `write` raises; the old result is then untouched.
+    Raises whatever `write` raises; the old result is then untouched. One writer
+    per `target` at a time (the next one finishes or removes a killed one's leftovers).
     """
     target, owned = Path(target), set(owned)
     if target.exists() and not target.is_dir():

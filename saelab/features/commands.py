@@ -71,7 +71,7 @@ def check_cache(folder: Path, identity: dict, entries: dict[str, tuple[Any, Path
     cached = (identity.get("model"), identity.get("model_hash") or None)
     sides = [(f"SAE {name}", (sae.cfg.model_name, sae.cfg.metadata.get("model_hash") or None))
              for name, (sae, _) in entries.items()]
-    sides.append((f"--model {lm.name}", (lm.name, lm.source_hash or None)))
+    sides.append(("the model loaded for the logit lens (--model)", (lm.name, lm.source_hash or None)))
     for who, (model, digest) in sides:
         if model is None and digest is None:
             continue  # an SAE that records no model: nothing to compare
