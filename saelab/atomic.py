@@ -186,6 +186,8 @@ def write_folder(target: str | os.PathLike, owned: Iterable[str],
     per `target` at a time (the next one finishes or removes a killed one's leftovers).
     """
     target, owned = Path(target), set(owned)
+    if target.is_symlink():  # switch the folder the link points to; the link stays a link
+        target = target.resolve()
     if target.exists() and not target.is_dir():
         raise SaelabError(f"{target} is a file; give a folder path for the output.")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +195,9 @@ def write_folder(target: str | os.PathLike, owned: Iterable[str],
     new = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
     try:
         write(new)
+        stray = sorted(p.name for p in new.iterdir() if p.name not in owned)
+        if stray:  # a writer bug: these would be lost beside the old folder's files of that name
+            raise RuntimeError(f"write_folder({target}): {stray} written but not in owned")
         _fsync_tree(new)
         fault_point("folder-written")
         if not target.exists():

@@ -507,3 +507,12 @@ def test_shard_hashes_are_what_the_manifest_says(whole_cache):
     manifest = json.loads(whole_cache["manifest.json"])
     for shard in manifest["shards"]:
         assert hashlib.sha256(whole_cache[shard["file"]]).hexdigest() == shard["sha256"]
+
+
+def test_an_sae_folder_behind_a_symlink_stays_behind_it(two_saes, tmp_path):
+    a, b = two_saes
+    real, link = tmp_path / "real", tmp_path / "link"
+    convert_sae(a, real, "saelens")
+    link.symlink_to(real)
+    convert_sae(b, link, "saelens", overwrite=True)
+    assert link.is_symlink() and sae_files(real) == sae_files(b)
