@@ -20,6 +20,7 @@ import os
 import random
 import string
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -516,3 +517,19 @@ def test_an_sae_folder_behind_a_symlink_stays_behind_it(two_saes, tmp_path):
     link.symlink_to(real)
     convert_sae(b, link, "saelens", overwrite=True)
     assert link.is_symlink() and sae_files(real) == sae_files(b)
+
+
+def test_a_hub_snapshot_is_hashed_by_its_weights(tmp_path):
+    """A Hugging Face id's model_hash was empty; now it is the snapshot's weights hash."""
+    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("abc")
+    (snap / "config.json").write_text('{"a": 1}')
+    (snap / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    code = ("from saelab.models.weights_hash import hub_weights_hash as h, weights_hash as w; "
+            f"print(h('org/tiny') == w({str(snap)!r}) != '', h('org/absent') == '')")
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+                        "SAELAB_CACHE": str(tmp_path / "c")}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.stdout.split() == ["True", "True"], res.stderr

@@ -163,6 +163,8 @@ class ShardWriter:
 
     def __init__(self, folder: str | Path, identity: dict, tokens_target: int):
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise SaelabError(f"{self.folder} is a file; give a folder for the cache (--out).")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.manifest = None
         if (self.folder / MANIFEST).is_file():
