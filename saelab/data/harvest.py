@@ -9,13 +9,13 @@ produces exactly what an uninterrupted run would have.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from saelab.atomic import disk_full
 from saelab.data.corpus import load_corpus
 from saelab.data.store import Manifest, ShardWriter
 from saelab.data.tokens import pack
@@ -68,7 +68,9 @@ def harvest(lm: LM, config: HarvestConfig, out: str | Path,
                 "store_dtype": dtype_name(store_dtype), "context": config.context,
                 "corpus": corpus.name, "corpus_hash": corpus.sha256,
                 "slice": f"{rank}/{world_size}"}
-    writer = ShardWriter(out, identity, tokens_target=config.tokens)
+    kept = "every complete shard is kept and listed"
+    with disk_full(out, kept):
+        writer = ShardWriter(out, identity, tokens_target=config.tokens)
     manifest = writer.manifest
     if on_progress:
         on_progress(manifest.n_tokens, config.tokens)
@@ -83,27 +85,21 @@ def harvest(lm: LM, config: HarvestConfig, out: str | Path,
     batches = pack(corpus, lm.tokenizer, config.context, batch_size=config.batch_size,
                    skip=manifest.n_contexts * world_size + rank, rank=rank,
                    world_size=world_size)
-    try:
-        for ids, special in batches:
-            acts = _forward(lm, sites, ids, store_dtype)
-            pending.append((ids, special, acts))
-            pending_tokens += int((~special).sum())
-            n_ctx = sum(p[0].shape[0] for p in pending)
-            last = done + pending_tokens >= config.tokens
-            if n_ctx >= contexts_per_shard or last:
+    for ids, special in batches:
+        acts = _forward(lm, sites, ids, store_dtype)
+        pending.append((ids, special, acts))
+        pending_tokens += int((~special).sum())
+        n_ctx = sum(p[0].shape[0] for p in pending)
+        last = done + pending_tokens >= config.tokens
+        if n_ctx >= contexts_per_shard or last:
+            with disk_full(out, kept + f" ({len(manifest.shards)} shards)"):
                 _flush(writer, pending)
-                done += pending_tokens
-                pending, pending_tokens = [], 0
-            if on_progress:
-                on_progress(done + pending_tokens, config.tokens)
-            if last:
-                break
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise SaelabError(f"the disk holding {out} is full. {len(manifest.shards)} complete "
-                              "shards are kept; free space and rerun the same command to resume."
-                              ) from err
-        raise
+            done += pending_tokens
+            pending, pending_tokens = [], 0
+        if on_progress:
+            on_progress(done + pending_tokens, config.tokens)
+        if last:
+            break
     if done < config.tokens:
         raise SaelabError(f"corpus {corpus.name!r} ran out after {done} tokens; asked for "
                           f"{config.tokens}. Ask for fewer tokens or use a larger corpus.")

@@ -11,9 +11,13 @@ Layout of a cache folder::
 
 A shard is written to a temporary name, fsynced and renamed; only then is the
 manifest (also written atomically) told about it. So a crash, Ctrl-C or full
-disk can leave at most an unlisted temporary file, which is deleted on resume,
-and every listed shard is complete. Shards are verified against their sha256
-before they are read, so a truncated or altered shard is named, never used.
+disk can leave at most a temporary (`.shard_00007.safetensors.tmp`,
+`.manifest.json.tmp`) or the one shard renamed but not yet listed, which the
+next run deletes, and every listed shard is complete. Nothing else is ever
+deleted: a folder holding any other file, or shards without their manifest
+(a cache whose manifest was lost), is refused. Shards are verified against
+their sha256 before they are read, so a truncated or altered shard is named,
+never used.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,20 +33,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from saelab.atomic import atomic_write_text, fault_point
 from saelab.data.outliers import norm_outliers
 from saelab.errors import CorruptFileError, SaelabError, SiteError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+SHARD = re.compile(r"shard_(\d{5})\.safetensors")
+# The only temporaries a writer leaves when killed: exactly these names, nothing broader.
+TEMPORARY = re.compile(r"\.(shard_\d{5}\.safetensors|manifest\.json)\.tmp")
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+__all__ = ["ActivationStore", "Manifest", "ShardWriter", "atomic_write_text", "file_sha256"]
 
 
 def file_sha256(path: Path) -> str:
@@ -90,11 +92,43 @@ class Manifest:
                               "Create one with `saelab harvest --out DIR`.")
         try:
             raw = json.loads(path.read_text())
-            return cls(identity=raw["identity"], tokens_target=raw["tokens_target"],
-                       shards=raw["shards"], version=raw["version"])
-        except (json.JSONDecodeError, KeyError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CorruptFileError(f"{path} is not a valid activation manifest ({err}). "
                                    "Delete the folder and harvest again.") from err
+        problem = _manifest_problem(raw)
+        if problem:
+            raise CorruptFileError(f"{path} is not a valid activation manifest: {problem}. "
+                                   "Delete the folder and harvest again.")
+        return cls(identity=raw["identity"], tokens_target=raw["tokens_target"],
+                   shards=raw["shards"], version=raw["version"])
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(raw) -> str | None:
+    """What is wrong with a parsed manifest's shape, or None (values are typed, not truthy)."""
+    if not isinstance(raw, dict):
+        return f"it holds a JSON {type(raw).__name__}, not an object"
+    for key, ok in (("version", _is_int), ("tokens_target", _is_int),
+                    ("identity", lambda v: isinstance(v, dict)), ("shards", lambda v: isinstance(v, list))):
+        if key not in raw or not ok(raw[key]):
+            return f"field {key!r} is missing or of the wrong type ({raw.get(key)!r})"
+    sites = raw["identity"].get("sites")
+    if not isinstance(sites, dict) or not all(_is_int(w) for w in sites.values()):
+        return f"field 'identity.sites' is not a {{site: width}} object ({sites!r})"
+    for i, shard in enumerate(raw["shards"]):
+        if not isinstance(shard, dict):
+            return f"shards[{i}] is not an object ({shard!r})"
+        if not isinstance(shard.get("file"), str) or not SHARD.fullmatch(shard["file"]):
+            return f"shards[{i}].file is not a shard name ({shard.get('file')!r})"
+        for key in ("n_contexts", "n_tokens"):
+            if not _is_int(shard.get(key)):
+                return f"shards[{i}].{key} is not a count ({shard.get(key)!r})"
+        if not isinstance(shard.get("sha256"), str):
+            return f"shards[{i}].sha256 is missing ({shard.get('sha256')!r})"
+    return None
 
 
 def identity_diff(old: dict, new: dict) -> list[str]:
@@ -103,12 +137,36 @@ def identity_diff(old: dict, new: dict) -> list[str]:
             if old.get(k) != new.get(k)]
 
 
+def _refuse_foreign(folder: Path, manifest: Manifest | None) -> None:
+    """A harvest writes only into an empty folder or a cache of its own; anything else is
+    refused, never deleted (a user's files, or shards whose manifest was lost)."""
+    ours = set() if manifest is None else {s["file"] for s in manifest.shards} | {
+        MANIFEST, f"shard_{len(manifest.shards):05d}.safetensors"}
+    names = sorted(p.name for p in folder.iterdir()
+                   if p.name not in ours and not TEMPORARY.fullmatch(p.name))
+    shards = [n for n in names if SHARD.fullmatch(n)]
+    if manifest is None and shards and len(shards) == len(names):
+        raise SaelabError(f"{folder} holds {len(shards)} activation shards but no {MANIFEST}: "
+                          "the cache's manifest was lost, so its shards cannot be verified or "
+                          "resumed, and they are left as they are. Pick an empty folder for "
+                          "--out, or delete this one.")
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise SaelabError(f"{folder} holds files that are not part of "
+                          + ("an activation cache" if manifest is None else "its cache's manifest")
+                          + f" ({shown}); harvest writes only into an empty folder or its own "
+                          "cache and deletes nothing else. Pick an empty folder for --out.")
+
+
 class ShardWriter:
     """Appends complete shards to a cache folder, resuming what is there."""
 
     def __init__(self, folder: str | Path, identity: dict, tokens_target: int):
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise SaelabError(f"{self.folder} is a file; give a folder for the cache (--out).")
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.manifest = None
         if (self.folder / MANIFEST).is_file():
             self.manifest = Manifest.read(self.folder)
             diff = identity_diff(self.manifest.identity, identity)
@@ -116,19 +174,19 @@ class ShardWriter:
                 raise SaelabError(
                     f"{self.folder} already holds a cache harvested differently:\n  "
                     + "\n  ".join(diff) + "\nUse another --out folder, or delete this one.")
-            self.manifest.tokens_target = max(tokens_target, self.manifest.tokens_target)
-        else:
+        _refuse_foreign(self.folder, self.manifest)
+        if self.manifest is None:
             self.manifest = Manifest(identity=identity, tokens_target=tokens_target)
-        self._remove_unlisted()
+        self.manifest.tokens_target = max(tokens_target, self.manifest.tokens_target)
+        self._remove_leftovers()
         self._commit_manifest()
 
-    def _remove_unlisted(self) -> None:
-        """Delete leftovers of an interrupted write (temp files, shards never listed)."""
-        listed = {s["file"] for s in self.manifest.shards}
+    def _remove_leftovers(self) -> None:
+        """Delete what an interrupted write of ours left: temporaries, and the shard that was
+        renamed into place just before a kill but never listed (it is written again)."""
+        unlisted = f"shard_{len(self.manifest.shards):05d}.safetensors"
         for path in self.folder.iterdir():
-            partial = path.name.startswith(".") and path.name.endswith(".tmp")
-            orphan = path.name.startswith("shard_") and path.name not in listed
-            if partial or orphan:
+            if TEMPORARY.fullmatch(path.name) or path.name == unlisted:
                 path.unlink()
 
     def _commit_manifest(self) -> None:
@@ -140,15 +198,21 @@ class ShardWriter:
         tensors = {"ids": ids.to(torch.int32).contiguous(), "special": special.contiguous()}
         tensors |= {site: a.contiguous() for site, a in acts.items()}
         tmp = self.folder / f".{name}.tmp"
-        save_file(tensors, str(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        digest = file_sha256(tmp)
-        os.replace(tmp, self.folder / name)
+        try:
+            save_file(tensors, str(tmp))
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            digest = file_sha256(tmp)
+            fault_point("shard-written")
+            os.replace(tmp, self.folder / name)
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half shard taking space
+        fault_point("shard-renamed")
         n_tokens = int((~special).sum())
         self.manifest.shards.append({"file": name, "n_contexts": ids.shape[0],
                                      "n_tokens": n_tokens, "sha256": digest})
         self._commit_manifest()
+        fault_point("manifest-written")
 
 
 class ActivationStore:

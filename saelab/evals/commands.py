@@ -68,14 +68,18 @@ def run_compare(a: str | os.PathLike, b: str | os.PathLike, *, hungarian: bool =
                        "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "site": sae.cfg.site,
                        "model_name": sae.cfg.model_name}
     if out is not None:
+        from saelab.atomic import disk_full, write_folder
         from saelab.data.store import atomic_write_text
         from saelab.report.evals import render_compare
         from saelab.report.html import write_page
 
+        def write(tmp: Path) -> None:  # the two files are one result: switched in together
+            atomic_write_text(tmp / "compare.json", json.dumps(result, indent=1) + "\n")
+            write_page(tmp / "report.html", render_compare(result))
+
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "compare.json", json.dumps(result, indent=1) + "\n")
-        write_page(out / "report.html", render_compare(result))
+        with disk_full(out, "the previous results there, if any, are unchanged"):
+            write_folder(out, ("compare.json", "report.html"), write)
         result["out"] = str(out)
     return result
 

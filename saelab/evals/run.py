@@ -256,18 +256,20 @@ def held_out_skip(sae_cfg, corpus: Corpus, tokenizer, context: int) -> tuple[int
 
 
 def write_outputs(result: dict, features: rc.FeatureSummary, out: str | os.PathLike) -> dict:
-    """eval.json, feature_density.npy and report.html in `out` (each written atomically)."""
+    """eval.json, feature_density.npy and report.html in `out`, switched in together."""
+    from saelab.atomic import disk_full, write_folder
     from saelab.report.evals import render_eval  # report/ renders JSON; imported only when writing
     from saelab.report.html import write_page
 
+    def write(tmp: Path) -> None:  # the three files are one result: switched in together
+        with open(tmp / "feature_density.npy", "wb") as fh:
+            np.save(fh, features.density.astype(np.float32), allow_pickle=False)
+        atomic_write_text(tmp / "eval.json", json.dumps(result, indent=1) + "\n")
+        write_page(tmp / "report.html", render_eval(result))
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".feature_density.npy.tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, features.density.astype(np.float32), allow_pickle=False)
-    os.replace(tmp, out / "feature_density.npy")
-    atomic_write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")
-    write_page(out / "report.html", render_eval(result))
+    with disk_full(out, "the previous results there, if any, are unchanged"):
+        write_folder(out, ("eval.json", "report.html", "feature_density.npy"), write)
     return {"eval": out / "eval.json", "report": out / "report.html",
             "density": out / "feature_density.npy"}
 

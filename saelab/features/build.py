@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saelab.data.store import atomic_write_text
+from saelab.atomic import atomic_write_text, disk_full, fault_point
 from saelab.errors import SaelabError
 from saelab.features import index as ix
 from saelab.features.collect import (
@@ -107,7 +107,8 @@ def build_index(lm: Any, saes: Mapping[str, tuple[Any, str | os.PathLike | None]
                        config=config.collect, rank=rank, world_size=world,
                        on_progress=tokens_done)
     if world > 1:
-        save_part(coll, out / "parts" / f"rank_{rank}.safetensors")
+        with disk_full(out / "parts", "nothing else was written"):
+            save_part(coll, out / "parts" / f"rank_{rank}.safetensors")
         dist.barrier()
         if rank != 0:
             return {}
@@ -120,14 +121,14 @@ def build_index(lm: Any, saes: Mapping[str, tuple[Any, str | os.PathLike | None]
            "tokens": coll.n_tokens, "world_size": world, "collection": coll.meta,
            "seconds": {"collect": collect_seconds, "total": time.perf_counter() - started},
            "versions": {"torch": torch.__version__, "python": platform.python_version()}}
-    atomic_write_text(out / "run.json", json.dumps(run, indent=1, default=str) + "\n")
+    with disk_full(out / "run.json", "the indexes are complete"):
+        atomic_write_text(out / "run.json", json.dumps(run, indent=1, default=str) + "\n")
     return folders
 
 
 def _index_one(lm, name: str, sae, path, coll: Collection, folder: Path, config: IndexConfig,
                compare, stage: Stage) -> Path:
     t0 = time.perf_counter()
-    folder.mkdir(parents=True, exist_ok=True)
     table = summarize(coll, name)
     stage(f"{name}: logit lens", 0, 1)
     lens = logit_lens(lm, sae.W_dec, k=config.lens_k, z_max=config.z_max)
@@ -152,18 +153,23 @@ def _index_one(lm, name: str, sae, path, coll: Collection, folder: Path, config:
         used.append(ablation["token_ids"])
     vocab = decode_vocab(lm.tokenizer, np.unique(np.concatenate([u.reshape(-1) for u in used])))
     stage(f"{name}: write", 0, 1)
-    ix.write_features(folder, cols, vocab)
-    ix.write_examples(folder, table.examples, vocab)
-    if ablation is not None:
-        ix.write_ablation(folder, ablation, vocab)
-    ix.write_meta(folder, _meta(lm, name, sae, path, coll, table, lens, config, compare, folder,
-                                {"lens_neighbours": t_lens - t0, "ablation": t_abl - t_lens,
-                                 "write": time.perf_counter() - t_abl}))
-    if config.dashboard:
-        from saelab.report.dashboard import write_dashboard
 
-        write_dashboard(folder, cards=config.cards)
-    return folder
+    def write(tmp: Path) -> None:  # the whole set, beside the old one (see write_index)
+        ix.write_features(tmp, cols, vocab)
+        fault_point("features-file")
+        ix.write_examples(tmp, table.examples, vocab)
+        fault_point("features-file")
+        if ablation is not None:
+            ix.write_ablation(tmp, ablation, vocab)
+        ix.write_meta(tmp, _meta(lm, name, sae, path, coll, table, lens, config, compare, folder,
+                                 {"lens_neighbours": t_lens - t0, "ablation": t_abl - t_lens,
+                                  "write": time.perf_counter() - t_abl}))
+        if config.dashboard:
+            from saelab.report.dashboard import write_dashboard
+
+            write_dashboard(tmp, cards=config.cards)
+
+    return ix.write_index(folder, write)
 
 
 def _top_contexts(table: FeatureTable, coll: Collection) -> list[list[int] | None]:

@@ -52,11 +52,42 @@ def run_features(sae: str | os.PathLike, *, model: str | None = None,
         store = ActivationStore(cache)
     dist = from_env(device)
     lm = load_model(model_name, dtype="float32", device=device)
+    if store is not None:
+        check_cache(store.folder, store.manifest.identity, entries, lm)
     other = load_sae(compare, dtype="float32") if compare is not None else None
     out = Path(out) if out is not None else (Path(sae) if Path(sae).is_dir() else Path(sae).parent) / "features"
     entries = {name: (s.to(device), path) for name, (s, path) in entries.items()}
     return build_index(lm, entries, out, config, cache=store, compare=other, dist=dist,
                        on_stage=on_stage)
+
+
+def check_cache(folder: Path, identity: dict, entries: dict[str, tuple[Any, Path]], lm: Any) -> None:
+    """Refuse a --cache whose activations are not the SAEs' (another model, site or width).
+
+    A model is the same when both sides record a weights hash and the hashes agree (names may
+    be spelled differently: an embedded name, a folder); without hashes the names must agree.
+    Raises SaelabError naming both sides.
+    """
+    cached = (identity.get("model"), identity.get("model_hash") or None)
+    sides = [(f"SAE {name}", (sae.cfg.model_name, sae.cfg.metadata.get("model_hash") or None))
+             for name, (sae, _) in entries.items()]
+    sides.append(("the model loaded for the logit lens (--model)", (lm.name, lm.source_hash or None)))
+    for who, (model, digest) in sides:
+        if model is None and digest is None:
+            continue  # an SAE that records no model: nothing to compare
+        same = digest == cached[1] if digest and cached[1] else model == cached[0]
+        if not same:
+            raise SaelabError(
+                f"the cache {folder} holds activations of model {cached[0]!r} (hash "
+                f"{(cached[1] or 'none')[:12]}), but {who} is model {model!r} (hash "
+                f"{(digest or 'none')[:12]}); harvest a cache of the SAE's model, or drop --cache.")
+    widths = identity.get("sites") or {}
+    for name, (sae, _) in entries.items():
+        site = sae.cfg.site
+        if site in widths and widths[site] != sae.cfg.d_in:
+            raise SaelabError(f"the cache {folder} holds {site} {widths[site]} wide, but SAE "
+                              f"{name} reads {sae.cfg.d_in}-wide inputs; it was trained on "
+                              "another model. Harvest a cache of the SAE's model.")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,11 @@ A feature index folder (one per SAE) holds::
     features.parquet    one row per feature (FEATURE_COLUMNS)
     examples.parquet    one row per example, sorted by feature (EXAMPLE_COLUMNS)
     ablation.parquet    token ablation of the top example of some features (ABLATION_COLUMNS)
+    dashboard.html      the static dashboard (report/dashboard.py)
+
+The set is written together by `write_index`: into a fresh folder beside the
+old one, switched in with one rename, so a reader never sees a mixture of two
+builds.
 
 The README documents every column. This module never imports torch,
 so readers (the browser, notebooks, other tools) start instantly; the writers
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +143,24 @@ def write_ablation(folder: Path, rows: dict[str, np.ndarray], vocab: dict[int, s
     path = Path(folder) / ABLATION
     _write(table, path)
     return path
+
+
+# Every file an index folder's set may hold: a rebuild replaces all of them together.
+INDEX_FILES = (INDEX, FEATURES, EXAMPLES, ABLATION, "dashboard.html")
+
+
+def write_index(folder: Path, write: Callable[[Path], None]) -> Path:
+    """Write one index as a set: `write(tmp)` fills a fresh folder beside `folder` with the
+    write_* functions, then it replaces `folder` in one rename (saelab.atomic.write_folder).
+
+    A rebuild killed at any moment leaves the old index or the new one, never new
+    features.parquet with old examples; other files in `folder` are kept. Raises
+    saelab.atomic.DiskFullError (one line naming `folder`) when the disk fills up.
+    """
+    from saelab.atomic import disk_full, write_folder
+
+    with disk_full(folder, "the previous index there, if any, is unchanged"):
+        return write_folder(folder, INDEX_FILES, write)
 
 
 def write_meta(folder: Path, meta: dict) -> Path:

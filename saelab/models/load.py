@@ -165,6 +165,10 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "auto",
                 "file; otherwise check the id."
             ) from err
         raise
+    if isinstance(folder, str):  # a Hugging Face id: hash the snapshot it was loaded from
+        from saelab.models.weights_hash import hub_weights_hash
+
+        source_hash = hub_weights_hash(name)
     model.to(device).eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -173,7 +177,8 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "auto",
 
 
 def _config_hash(folder: Path) -> str:
-    import hashlib
+    """sha256 of the folder's config.json and weight files (see weights_hash.py for why every
+    byte, and how a second load of the same files costs only a stat)."""
+    from saelab.models.weights_hash import weights_hash
 
-    cfg = folder / "config.json"
-    return hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else ""
+    return weights_hash(folder)

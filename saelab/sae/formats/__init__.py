@@ -33,6 +33,10 @@ _ALIASES = {
     "dictionary_learning": "dictionary-learning",
 }
 
+# Every file a writer below may put in an SAE folder: a new SAE replaces all of them at once.
+SAE_FILES = (native.CFG, native.WEIGHTS, native.SPARSITY, gemma_scope.NPZ, gemma_scope.SIDECAR,
+             gemma_scope.V2_WEIGHTS, gemma_scope.V2_CONFIG, sparsify.WEIGHTS)
+
 _READERS = {
     "saelens": native.read,
     "gemma-scope": gemma_scope.read_v1,
@@ -120,25 +124,35 @@ def save_sae(
 ) -> Path:
     """Write `sae` into folder `path` (created if needed); returns the folder.
 
-    Each file is written to a temporary name and renamed into place. Formats that
+    The files are written into a folder beside `path` that replaces it in one rename;
+    files there that are not an SAE's are kept. Formats that
     cannot express the SAE raise FormatError before anything is written: Gemma
     Scope holds JumpReLU (and so ReLU, BatchTopK) SAEs, sparsify TopK SAEs.
     `log_sparsity` (log10 firing frequency per feature) is stored by saelens only.
     """
+    from saelab.atomic import disk_full, write_folder
+
     fmt = canonical_format(format)
     folder = Path(path)
-    if fmt == "saelens":
-        native.write(sae, folder, log_sparsity=log_sparsity)
-    elif fmt == "gemma-scope":
-        gemma_scope.write_v1(sae, folder)
-    elif fmt == "gemma-scope-2":
-        gemma_scope.write_v2(sae, folder)
-    elif fmt == "sparsify":
-        sparsify.write(sae, folder)
-    else:
+    if fmt not in WRITABLE:
         raise FormatError(
             f"saelab reads {fmt} files but does not write them; pick one of {', '.join(WRITABLE)}"
         )
+
+    def write(tmp: Path) -> None:
+        if fmt == "saelens":
+            native.write(sae, tmp, log_sparsity=log_sparsity)
+        elif fmt == "gemma-scope":
+            gemma_scope.write_v1(sae, tmp)
+        elif fmt == "gemma-scope-2":
+            gemma_scope.write_v2(sae, tmp)
+        else:
+            sparsify.write(sae, tmp)
+
+    # The files of one SAE are written beside the old ones and switched in with one rename
+    # (saelab/atomic.py): a reader never sees new weights with an old cfg.json.
+    with disk_full(folder, "the SAE there before, if any, is unchanged"):
+        write_folder(folder, SAE_FILES, write)
     return folder
 
 
