@@ -328,10 +328,9 @@ def test_gemma_scope_hook_points(peer: Peer, tmp_path: Path) -> None:
         assert sites[f"model.layers.{L}.post_attention_layernorm.output"] != f"attn_out.{L}"
 
 
-def test_gemma_scope_2_folders_without_config(peer: Peer, tmp_path: Path) -> None:
+def test_gemma_scope_2_folders_without_config(tmp_path: Path) -> None:
     """Without config.json the folder says the hook point, as SAELens reads Gemma Scope 2."""
-    if peer.family != "gemma3":
-        pytest.skip("Gemma Scope 2 is for Gemma 3")
+    peer = Peer("gemma3")
     tl = peer.transformer_lens()
     folders = {  # Gemma Scope 2's attn_out SAEs read o_proj's input: TL's hook_z
         "resid_post_all": tl[f"blocks.{L}.hook_resid_post"],
@@ -343,9 +342,9 @@ def test_gemma_scope_2_folders_without_config(peer: Peer, tmp_path: Path) -> Non
     assert check(peer, cases)["attn_out_all"] == f"attn_z.{L}"
 
 
-def test_gemma_scope_1_repositories(peer: Peer, tmp_path: Path) -> None:
-    if peer.family != "gemma2":
-        pytest.skip("Gemma Scope 1 is for Gemma 2")
+def test_gemma_scope_1_repositories(tmp_path: Path) -> None:
+    """Gemma Scope 1's repositories: -res, -mlp and -att, as TransformerLens hooks on Gemma 2."""
+    peer = Peer("gemma2")
     tl = peer.transformer_lens()
     repos = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}
     cases = {}
@@ -443,3 +442,28 @@ def test_one_head_sae_refused(tmp_path: Path) -> None:
         "model_name": "gpt2-small"}))  # fmt: skip
     with pytest.raises(SaelabError, match="head 2 of layer 4"):
         load_sae(old)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_transformer_lens_processing(family: str, tmp_path: Path) -> None:
+    """SAELens loads TransformerLens models with model_from_pretrained_kwargs: centring the
+    writing weights changes the residual stream on LayerNorm models only (TL skips RMSNorm)."""
+    peer = Peer(family)
+    hook = f"blocks.{L}.hook_resid_post"
+    folder = saelens_file(tmp_path / "c", peer.arch.d_model, hook_name=hook,
+                          model_name=MODEL_NAME[family],
+                          model_from_pretrained_kwargs={"center_writing_weights": True})
+    if family == "gpt2":
+        centred = peer.outs[peer.block] - peer.outs[peer.block].mean(-1, keepdim=True)
+        assert (centred - peer.outs[peer.block]).abs().max() > 1e-3  # TL's tensor is another one
+        with pytest.raises(SaelabError, match="center_writing_weights=True"):
+            load_sae(folder)
+    else:
+        check(peer, {hook: (folder, peer.transformer_lens()[hook])})
+    z = saelens_file(tmp_path / "z", peer.arch.d_attn_z, hook_name=f"blocks.{L}.attn.hook_z",
+                     model_name=MODEL_NAME[family], model_from_pretrained_kwargs={"fold_value_biases": True})
+    if family == "gpt2":  # GPT-2 has value biases; Llama has none, so its z is unchanged
+        with pytest.raises(SaelabError, match="value biases"):
+            load_sae(z)
+    else:
+        assert load_sae(z).cfg.site == f"attn_z.{L}"

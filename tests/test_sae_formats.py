@@ -352,3 +352,15 @@ def test_dictionary_learning_class_from_keys(cls: str, tmp_path: Path, x: torch.
         sae = load_sae(tmp_path / "ae.pt")
     assert sae.cfg.metadata["dictionary_learning_class"] == cls
     torch.testing.assert_close(sae(x).feats, _dl_encode_decode(cls, sd, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_saved_hook_name_is_the_sites_tensor(tmp_path: Path) -> None:
+    """cfg.json's hook_name tells SAELens what to hook: mlp_in is TransformerLens's
+    ln2.hook_normalized only on LayerNorm models (on RMSNorm ones TL reads it before the weight)."""
+    for model, hook in (("gpt2", "blocks.2.ln2.hook_normalized"), ("smollm2-135m-instruct", None)):
+        sae = random_sae("relu", metadata={"site": "mlp_in.2", "model_name": model,
+                                           "hook_name": "blocks.2.ln2.hook_normalized"})
+        save_sae(sae, tmp_path / model, "saelens")
+        cfg = json.loads((tmp_path / model / "cfg.json").read_text())
+        assert cfg["metadata"].get("hook_name") == hook
+        assert load_sae(tmp_path / model).cfg.site == "mlp_in.2"

@@ -144,9 +144,10 @@ def tl_site(hook: str, model_name: str | None = None, processing: dict[str, Any]
             "tensor." if what else f"{hook!r} is not a TransformerLens block hook saelab knows."
         )
     layer, suffix = int(m.group(1)), m.group(2)
-    if suffix in _TL_EXACT:
-        return f"{_TL_EXACT[suffix]}.{layer}"
     family = family_hint(model_name)
+    if suffix in _TL_EXACT:
+        _check_processing(hook, _TL_EXACT[suffix], family, processing or {})
+        return f"{_TL_EXACT[suffix]}.{layer}"
     if suffix == "ln2.hook_normalized":
         folded = bool((processing or {}).get("fold_ln"))
         if family in LAYERNORM_FAMILIES and not folded:
@@ -173,6 +174,34 @@ def tl_site(hook: str, model_name: str | None = None, processing: dict[str, Any]
         f"TransformerLens hook {hook} holds {what}; no saelab site holds exactly that tensor."
         if what else f"{hook!r} is not a TransformerLens hook saelab knows."
     )
+
+
+# TransformerLens's weight processing (SAELens passes model_from_pretrained_kwargs to
+# from_pretrained_no_processing) and the kinds whose tensors it changes, by family:
+# centring the writing weights removes each token's mean over d_model from everything
+# written to the residual stream (LayerNorm models only: TL skips it on RMSNorm ones);
+# folding value biases or refactoring W_QK/W_OV changes z where there are value biases.
+_WRITTEN = frozenset({"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"})
+_NO_VALUE_BIAS = ("llama", "gemma2", "gemma3")
+_PROCESSING = {
+    "center_writing_weights": (
+        lambda family: _WRITTEN if family not in _TAPS or family in LAYERNORM_FAMILIES else set(),
+        "its inputs were the residual stream minus each token's mean over d_model"),
+    "fold_value_biases": (
+        lambda family: {"attn_z"} if family not in _NO_VALUE_BIAS else set(),
+        "its z lacks the value biases (moved into b_O)"),
+    "refactor_factored_attn_matrices": (
+        lambda family: {"attn_z"}, "its z comes from refactored W_V and W_O"),
+}
+
+
+def _check_processing(hook: str, kind: str, family: str | None, processing: dict[str, Any]) -> None:
+    for flag, (kinds, what) in _PROCESSING.items():
+        if processing.get(flag) and kind in kinds(family):
+            raise UnmappableNameError(
+                f"{hook} was read from a TransformerLens model loaded with {flag}=True, so {what}; "
+                "no site of the Hugging Face model holds that tensor."
+            )
 
 
 def site_to_tl(site: str | None, model_name: str | None = None) -> str | None:
@@ -262,6 +291,11 @@ def fill_site(meta: dict[str, Any], source: str = "the SAE file") -> dict[str, A
     if meta.get("hook_head_index") is not None and not meta.get("site"):
         refuse_head(source, meta.get("hook_name"), meta["hook_head_index"])
     hook = meta.get("hook_name")
+    if meta.get("site") and hook and hook.startswith("blocks."):
+        # saelab's own: keep the TransformerLens name only if it is that site's tensor
+        # (mlp_in is ln2.hook_normalized on LayerNorm models only), so peers read the right one.
+        if site_to_tl(meta["site"], meta.get("model_name")) != hook:
+            meta.pop("hook_name")  # refilled below with the exact name, if there is one
     if not meta.get("site") and hook:
         name = meta.get("model_name")
         try:
