@@ -301,6 +301,7 @@ def test_hf_module_paths(peer: Peer, tmp_path: Path) -> None:
     assert sites[f"sparsify {b}"] == f"resid_post.{L}"
     if peer.family in GEMMA:  # the case: the MLP module's output is not mlp_out there
         assert sites[f"sparsify {b}.mlp +model"] == f"{peer.full(b)}.mlp:out"
+        assert sites[f"sparsify {b}.self_attn +model"] == f"{peer.full(b)}.self_attn:out"
         with capture(peer.model, f"mlp_out.{L}") as acts:
             acts.run(input_ids=peer.ids)
         assert (acts[f"mlp_out.{L}"] - peer.outs[f"{b}.mlp"]).abs().max() > 0.1  # would be wrong

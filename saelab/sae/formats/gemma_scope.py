@@ -146,7 +146,8 @@ def read_v1(folder: Path, *, dtype: str | None = None) -> SAE:
     source = str(folder / NPZ)
     sidecar = _sidecar(folder)
     where = folder.resolve().as_posix()
-    if not sidecar and "transcoder" in where:  # google/gemma-scope-2b-pt-transcoders/layer_3/...
+    # google/gemma-scope-2b-pt-transcoders/layer_3/... (also as the HF cache names the repository)
+    if not sidecar and re.search(r"(?:^|[-_/])transcoders?/", where):
         layer = re.search(r"layer_(\d+)", where)
         L = layer.group(1) if layer else "L"
         refuse_transcoder(
@@ -223,7 +224,7 @@ def read_v2(folder: Path, *, dtype: str | None = None) -> SAE:
         meta["model_name"] = name if "/" in name else f"google/{name}"
     hook, family = conf.get("hf_hook_point_in"), family_hint(meta.get("model_name"))
     if not hook:  # Gemma Scope 2's own layout: the folder says which hook point
-        kind = next((k for k in _V2_FOLDERS for p in folder.parts if p.startswith(k)), None)
+        kind = next((k for k in _V2_FOLDERS if folder.parent.name.startswith(k)), None)
         layer = re.search(r"layer_(\d+)", folder.name)
         meta.pop("site", None)  # a folder named like a site kind is not exact by itself
         if kind and layer:
