@@ -36,7 +36,7 @@ _UNIVERSAL = {k: t for k, t in _TAPS["llama"].items() if all(f.get(k) == t for f
 _BLOCKS = {"gpt2": "h"}
 _ATTN = {"gpt2": "attn", "gpt_neox": "attention"}
 _EMBED = {"gpt2": "wte", "gpt_neox": "embed_in"}
-_BLOCK_RE = re.compile(r"(?:(?P<prefix>.*)\.)?(?P<list>layers|h)\.(?P<layer>\d+)(?:\.(?P<rest>.+))?")
+_BLOCK_RE = re.compile(r"(?:.*\.)?(?:layers|h)\.(?P<layer>\d+)(?:\.(?P<rest>.+))?")
 
 
 class UnmappableNameError(FormatError):
@@ -44,10 +44,10 @@ class UnmappableNameError(FormatError):
 
 
 def family_hint(model_name: str | None) -> str | None:
-    """The saelab family a peer's model name belongs to (None if unknown).
+    """The saelab family a peer's model name belongs to, as publishers spell them (None if unknown).
 
-    Only used to choose between sites that differ by family; a wrong or missing
-    hint can only make a name raw or refused, never attach it elsewhere.
+    Only used to choose between sites that differ by family. An unknown name makes
+    those names raw module sites (exact on any family) or refused, never canonical.
     """
     n = (model_name or "").lower()
     for family, pattern in (
@@ -168,7 +168,10 @@ def tl_site(hook: str, model_name: str | None = None, processing: dict[str, Any]
                 f"resid_pre.{layer} under a parallel residual (Pythia); the file names no model "
                 "family to tell which."
             )
-        return f"{'resid_pre' if family == 'gpt_neox' else 'resid_mid'}.{layer}"
+        # Every published GPT-NeoX model (Pythia, NeoX-20B) uses the parallel residual.
+        kind = "resid_pre" if family == "gpt_neox" else "resid_mid"
+        _check_processing(hook, kind, family, processing or {})
+        return f"{kind}.{layer}"
     what = _TL_WHAT.get(suffix)
     raise UnmappableNameError(
         f"TransformerLens hook {hook} holds {what}; no saelab site holds exactly that tensor."
