@@ -468,3 +468,28 @@ def test_transformer_lens_processing(family: str, tmp_path: Path) -> None:
             load_sae(z)
     else:
         assert load_sae(z).cfg.site == f"attn_z.{L}"
+
+
+def test_dictionary_learning_batchtopk_or_topk(tmp_path: Path) -> None:
+    """AutoEncoderTopK and BatchTopKSAE save the same keys (k, threshold): without config.json
+    the file loads as per-token top-k and says so; with it, a BatchTopKSAE keeps its threshold."""
+    import warnings
+
+    g = torch.Generator().manual_seed(1)
+    sd = {"encoder.weight": torch.randn(64, 16, generator=g), "encoder.bias": torch.zeros(64),
+          "decoder.weight": torch.randn(16, 64, generator=g), "b_dec": torch.zeros(16),
+          "k": torch.tensor(3, dtype=torch.int), "threshold": torch.tensor(0.25)}  # fmt: skip
+    torch.save(sd, tmp_path / "ae.pt")
+    with pytest.warns(UserWarning) as record:
+        sae = load_sae(tmp_path)
+    msg = str(record[0].message)
+    assert str(tmp_path / "ae.pt") in msg and "k=3" in msg and "threshold 0.25" in msg
+    x = torch.randn(50, 16, generator=g)
+    assert (sae(x).feats > 0).sum(-1).float().mean() <= 3  # per-token top-3
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE"}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = load_sae(tmp_path)
+    post = torch.relu((x - sd["b_dec"]) @ sd["encoder.weight"].T + sd["encoder.bias"])
+    torch.testing.assert_close(batch(x).feats, post * (post > 0.25))
+    assert (batch(x).feats > 0).sum(-1).float().mean() > 3  # the threshold's L0, not k
