@@ -92,7 +92,7 @@ def test_early_stop_gives_the_same_activations(family):
     assert list(early) == ["attn_z.0", "resid_mid.1", "mlp_in.1"]
     for name in early:
         assert torch.equal(early[name], full[name])
-    assert torch.equal(early["blocks.1.ln2.hook_normalized"], early["mlp_in.1"])  # aliases work
+    assert torch.equal(early["blocks.1.hook_resid_mid"], early["resid_mid.1"])  # aliases work
 
 
 @torch.no_grad()

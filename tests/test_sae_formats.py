@@ -262,6 +262,7 @@ def test_dictionary_learning_by_hand(cls: str, tmp_path: Path, x: torch.Tensor) 
         "dict_size": 64,
         "lm_name": "EleutherAI/pythia-70m-deduped",
         "layer": 3,
+        "submodule_name": "resid_post_layer_3",  # without it the site is unknown (no guess)
     }
     (tmp_path / "config.json").write_text(
         json.dumps({"trainer": trainer, "buffer": {"ctx_len": 128}})
@@ -344,6 +345,22 @@ def test_dictionary_learning_class_from_keys(cls: str, tmp_path: Path, x: torch.
     """Without config.json the class is inferred from the state dict's keys."""
     sd = _dl_state_dict(cls, torch.Generator().manual_seed(6))
     torch.save(sd, tmp_path / "ae.pt")
-    sae = load_sae(tmp_path / "ae.pt")
+    if cls == "AutoEncoderTopK":  # the same keys as BatchTopKSAE: loaded as TopK, with a warning
+        with pytest.warns(UserWarning, match="fit AutoEncoderTopK and BatchTopKSAE alike"):
+            sae = load_sae(tmp_path / "ae.pt")
+    else:
+        sae = load_sae(tmp_path / "ae.pt")
     assert sae.cfg.metadata["dictionary_learning_class"] == cls
     torch.testing.assert_close(sae(x).feats, _dl_encode_decode(cls, sd, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_saved_hook_name_is_the_sites_tensor(tmp_path: Path) -> None:
+    """cfg.json's hook_name tells SAELens what to hook: mlp_in is TransformerLens's
+    ln2.hook_normalized only on LayerNorm models (on RMSNorm ones TL reads it before the weight)."""
+    for model, hook in (("gpt2", "blocks.2.ln2.hook_normalized"), ("smollm2-135m-instruct", None)):
+        sae = random_sae("relu", metadata={"site": "mlp_in.2", "model_name": model,
+                                           "hook_name": "blocks.2.ln2.hook_normalized"})
+        save_sae(sae, tmp_path / model, "saelens")
+        cfg = json.loads((tmp_path / model / "cfg.json").read_text())
+        assert cfg["metadata"].get("hook_name") == hook
+        assert load_sae(tmp_path / model).cfg.site == "mlp_in.2"

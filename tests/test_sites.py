@@ -62,7 +62,6 @@ def names(sites):
     ("resid_post.2, attn_z.0,mlp_in.1", ["attn_z.0", "mlp_in.1", "resid_post.2"]),
     (["blocks.2.hook_resid_post", "blocks.0.attn.hook_z"], ["attn_z.0", "resid_post.2"]),
     ("blocks.*.hook_mlp_out", ["mlp_out.0", "mlp_out.1", "mlp_out.2"]),
-    ("blocks.1.ln2.hook_normalized", ["mlp_in.1"]),
     ("resid_post.-1", ["resid_post.2"]),
     ("resid_post.1,blocks.1.hook_resid_post,resid_post.*1", ["resid_post.1"]),  # de-duplicated
     ("model.layers.1.mlp:out, resid_post.1", ["resid_post.1", "model.layers.1.mlp:out"]),
@@ -90,6 +89,8 @@ def test_resolve_accepts_sites_and_raw_layers(llama):
     ("foo.*", ["matches no site", "valid kinds"]),
     ("resid_post", ["'resid_post.0'", "'resid_post.*'"]),
     ("blocks.1.hook_nope", ["unknown TransformerLens hook", "blocks.L.hook_resid_post"]),
+    # On RMSNorm models TransformerLens reads it before the weight: no site (tests/test_foreign_sites.py).
+    ("blocks.1.ln2.hook_normalized", ["before the RMSNorm weight", "mlp_in.L"]),
     ("model.layers.1.mlp:mid", ["':in' or ':out'"]),
     ("model.layers.1.mlpp:out", ["no module 'model.layers.1.mlpp'", "model.layers.0.mlp"]),
     ("", ["no sites given"]),

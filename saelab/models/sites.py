@@ -158,6 +158,9 @@ FAMILIES: tuple[Family, ...] = (
             mlp_in=Tap("mlp", "in"), mlp_out=Tap("post_mlp_dropout", "out")),
 )
 _BY_MODEL_TYPE = {t: fam for fam in FAMILIES for t in fam.model_types}
+# Families whose norms are LayerNorms: TransformerLens's ln2.hook_normalized is their MLP's
+# input; on RMSNorm families TransformerLens reads it before the norm's weight (no site holds that).
+LAYERNORM_FAMILIES = ("gpt2", "gpt_neox")
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,9 @@ def _resolve_one(arch: Architecture, token: str) -> list[Site]:
     if ":" in token:
         return _resolve_raw(arch, token)
     kind, layer = _split_name(token)
+    if token.endswith(".ln2.hook_normalized") and arch.family not in LAYERNORM_FAMILIES:
+        raise SiteError(f"{token!r} is TransformerLens's MLP input before the RMSNorm weight on "
+                        f"{arch.family}; no site holds it. mlp_in.L is the MLP's input (after the weight).")
     is_glob = any(c in token for c in "*?[")
     if not is_glob:
         return [_checked(arch, token, kind, layer)]
@@ -355,6 +361,8 @@ def _resolve_raw(arch: Architecture, token: str) -> list[Site]:
         raise SiteError(f"module site {token!r} must end in ':in' or ':out' (input or output of "
                         f"the module), e.g. '{arch.layers_path}.0.mlp:out'.")
     paths = [p for p in arch.modules if fnmatch.fnmatchcase(p, path)]
+    if not paths and arch.base_path:  # relative to the base model, as sparsify names hookpoints
+        paths = [p for p in arch.modules if fnmatch.fnmatchcase(p, f"{arch.base_path}.{path}")]
     if not paths:
         near = sorted(p for p in arch.modules if p.startswith(f"{arch.layers_path}.0."))[:12]
         raise SiteError(f"no module {path!r} in this {arch.family} model; modules of block 0 "

@@ -9,7 +9,10 @@ Detection, for a folder (a file path means its folder; first rule that matches):
     ae.pt                               dictionary-learning  (torch.load(weights_only=True))
 
 A folder holding only pickle-based weights (.pt/.pth/.pkl/.bin/.ckpt) is refused
-(UnsafeFileError); a folder holding several SAEs lists them.
+(UnsafeFileError); a folder holding several SAEs lists them. The activation a
+file names is mapped to the site holding exactly that tensor, or the file is
+refused (UnmappableNameError: transcoders, one-head SAEs, names no site holds);
+see `names`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from saelab.errors import UnsafeFileError
 from saelab.sae.base import SAE
 from saelab.sae.formats import dictionary_learning, gemma_scope, native, sparsify
 from saelab.sae.formats._common import PICKLE_SUFFIXES, FormatError
+from saelab.sae.formats.names import UnmappableNameError
 
 FORMATS = ("saelens", "gemma-scope", "gemma-scope-2", "sparsify", "dictionary-learning")
 WRITABLE = ("saelens", "gemma-scope", "gemma-scope-2", "sparsify")
@@ -160,6 +164,7 @@ __all__ = [
     "FORMATS",
     "WRITABLE",
     "FormatError",
+    "UnmappableNameError",
     "detect_format",
     "load_sae",
     "save_sae",

@@ -1,11 +1,10 @@
-"""Shared by the format modules: safe reads, atomic writes, site names, conversions."""
+"""Shared by the format modules: safe reads, atomic writes, conversions."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,104 +104,7 @@ def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
     save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path))
 
 
-# ------------------------------------------------------------------ site names
-# saelab site kind -> TransformerLens hook (see ARCHITECTURE.md, "Sites").
-# TODO(sites): use saelab.models.sites once it exists, so there is one table.
-_TL_HOOKS = {
-    "resid_pre": "blocks.{L}.hook_resid_pre",
-    "resid_mid": "blocks.{L}.hook_resid_mid",
-    "resid_post": "blocks.{L}.hook_resid_post",
-    "attn_z": "blocks.{L}.attn.hook_z",
-    "attn_out": "blocks.{L}.hook_attn_out",
-    "mlp_in": "blocks.{L}.ln2.hook_normalized",
-    "mlp_out": "blocks.{L}.hook_mlp_out",
-}
-SITE_KINDS = tuple(_TL_HOOKS)
-_TL_TO_KIND = {v.split("{L}.")[1]: k for k, v in _TL_HOOKS.items()} | {"hook_mlp_in": "mlp_in"}
-
-# Gemma (2/3) Hugging Face module paths as Gemma Scope 2's config.json names them.
-_HF_GEMMA_HOOKS = {
-    "resid_post": "model.layers.{L}.output",
-    "attn_z": "model.layers.{L}.self_attn.o_proj.input",
-    "attn_out": "model.layers.{L}.post_attention_layernorm.output",
-    "mlp_in": "model.layers.{L}.pre_feedforward_layernorm.output",
-    "mlp_out": "model.layers.{L}.post_feedforward_layernorm.output",
-}
-_HF_TO_KIND = {v.split("{L}.")[1]: k for k, v in _HF_GEMMA_HOOKS.items()}
-
-
-def _split_site(site: str | None) -> tuple[str, int] | None:
-    m = re.fullmatch(r"(\w+)\.(\d+)", site or "")
-    return (m.group(1), int(m.group(2))) if m and m.group(1) in _TL_HOOKS else None
-
-
-def site_to_hook_name(site: str | None) -> str | None:
-    parts = _split_site(site)
-    return _TL_HOOKS[parts[0]].format(L=parts[1]) if parts else None
-
-
-def hook_name_to_site(hook_name: str | None) -> str | None:
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook_name or "")
-    kind = _TL_TO_KIND.get(m.group(2)) if m else None
-    return f"{kind}.{m.group(1)}" if kind else None
-
-
-def site_to_hf_gemma(site: str | None) -> str | None:
-    parts = _split_site(site)
-    return (
-        _HF_GEMMA_HOOKS[parts[0]].format(L=parts[1])
-        if parts and parts[0] in _HF_GEMMA_HOOKS
-        else None
-    )
-
-
-def hf_hook_to_site(hf_hook: str | None) -> str | None:
-    """`model.layers.12.output` -> resid_post.12; sparsify folders `layers.12(.mlp)` too."""
-    s = hf_hook or ""
-    m = re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.(.+)$", s)
-    if m and m.group(2) in _HF_TO_KIND:
-        return f"{_HF_TO_KIND[m.group(2)]}.{m.group(1)}"
-    m = re.search(r"(?:^|\.)(?:layers|h)\.(\d+)(\.mlp|\.self_attn|\.attn|\.attention)?$", s)
-    if not m:
-        return None
-    kind = {None: "resid_post", ".mlp": "mlp_out"}.get(m.group(2), "attn_out")
-    return f"{kind}.{m.group(1)}"
-
-
-def infer_from_path(path: Path) -> dict[str, Any]:
-    """Provenance readable from a Gemma-Scope-like path (layer, site kind, model, L0)."""
-    s = path.resolve().as_posix()
-    meta: dict[str, Any] = {}
-    layer = re.search(r"layer_(\d+)", s)
-    kind = next((p for p in reversed(path.resolve().parts) if p in SITE_KINDS), None)
-    repo = re.search(r"gemma-scope-(\d+[bm])-(pt|it)-(res|mlp|att)\b", s)
-    if repo:
-        size, tune, what = repo.groups()
-        kind = kind or {"res": "resid_post", "mlp": "mlp_out", "att": "attn_z"}[what]
-        meta["model_name"] = f"google/gemma-2-{size}" + ("-it" if tune == "it" else "")
-    if layer and kind:
-        meta["site"] = f"{kind}.{int(layer.group(1))}"
-        meta["hook_name"] = site_to_hook_name(meta["site"])
-    l0 = re.search(r"average_l0_(\d+)", s)
-    if l0:
-        meta["l0"] = int(l0.group(1))
-    label = re.search(r"_l0_(small|medium|big)\b", s)
-    if label:
-        meta["l0_label"] = label.group(1)
-    return meta
-
-
-def fill_site(meta: dict[str, Any]) -> dict[str, Any]:
-    """Complete whichever of site / hook_name is missing from the other."""
-    if not meta.get("site") and meta.get("hook_name"):
-        site = hook_name_to_site(meta["hook_name"])
-        if site:
-            meta["site"] = site
-    if not meta.get("hook_name") and meta.get("site"):
-        hook = site_to_hook_name(meta["site"])
-        if hook:
-            meta["hook_name"] = hook
-    return meta
+# Site names (peers' names -> saelab sites) live in names.py.
 
 
 # ------------------------------------------------------------------ conversions

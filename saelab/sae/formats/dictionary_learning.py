@@ -12,12 +12,22 @@ comes from config.json's ``trainer.dict_class`` or, failing that, from the keys:
     MatryoshkaBatchTopKSAE W_enc, b_enc, W_dec, b_dec, k, threshold, group_sizes -> jumprelu
     JumpReluAutoEncoder   W_enc, b_enc, W_dec, b_dec, threshold [F]; raw input; its features are
                           scaled by |W_dec| rows, so those norms are folded in -> jumprelu
+
+Without config.json, AutoEncoderTopK and BatchTopKSAE have the same keys (both keep a
+threshold): the file loads as AutoEncoderTopK, whose encode is a per-token top-k, with
+a warning, since a BatchTopKSAE's encode keeps the features above its threshold instead
+(a different L0 per token) and nothing in the file says which it is.
+
+Site: dictionary_learning stores the hooked submodule's output and names it by a
+label, ``trainer.submodule_name`` or the published folder (``mlp_out_layer1/10_32768``),
+read with the model's family (``trainer.lm_name``) by `names.dl_site`. A file with
+no label gets no site (``trainer.layer`` alone does not say which submodule).
 """
 
 from __future__ import annotations
 
 import pickle
-import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +36,8 @@ from torch import Tensor
 
 from saelab.errors import CorruptFileError, UnsafeFileError
 from saelab.sae.base import SAE, SAEConfig
-from saelab.sae.formats._common import FormatError, file_dtype, fill_site, read_json
+from saelab.sae.formats._common import FormatError, file_dtype, read_json
+from saelab.sae.formats.names import DL_LABEL, dl_site, fill_site
 
 WEIGHTS, CONFIG = "ae.pt", "config.json"
 
@@ -68,14 +79,15 @@ def _dict_class(sd: dict[str, Tensor], trainer: dict[str, Any]) -> str:
     return "AutoEncoderNew" if "decoder.bias" in sd else "AutoEncoder"
 
 
-def _site(trainer: dict[str, Any]) -> str | None:
-    sub = str(trainer.get("submodule_name") or "")
-    layer = trainer.get("layer")
-    for kind in ("resid_post", "resid_pre", "mlp_out", "attn_out"):
-        if kind in sub:
-            m = re.search(r"(\d+)", sub)
-            return f"{kind}.{m.group(1) if m else layer}"
-    return f"resid_post.{layer}" if isinstance(layer, int) else None  # DL's default submodule
+def _site(trainer: dict[str, Any], folder: Path) -> str | None:
+    labels = [trainer.get("submodule_name"), folder.name, folder.parent.name]
+    label = next((x for x in labels if isinstance(x, str) and DL_LABEL.fullmatch(x)), None)
+    if label is None:
+        return None
+    try:
+        return dl_site(label, trainer.get("layer"), trainer.get("lm_name"))
+    except FormatError as e:
+        raise type(e)(f"{folder / WEIGHTS}: {e}") from None
 
 
 def read(folder: Path, *, dtype: str | None = None) -> SAE:
@@ -84,6 +96,15 @@ def read(folder: Path, *, dtype: str | None = None) -> SAE:
     conf = read_json(folder / CONFIG) if (folder / CONFIG).exists() else {}
     trainer = conf.get("trainer") or {}
     cls = _dict_class(sd, trainer)
+    if cls == "AutoEncoderTopK" and "threshold" in sd and "dict_class" not in trainer:
+        warnings.warn(
+            f"{source} has no config.json naming its class; its keys (k, threshold) fit "
+            f"AutoEncoderTopK and BatchTopKSAE alike. Loaded as AutoEncoderTopK: the top "
+            f"k={int(sd['k'])} features of each token. A BatchTopKSAE keeps every feature above "
+            f"its threshold {float(sd['threshold']):.4g} instead (L0 varies per token); if it is "
+            "one, put its config.json (trainer.dict_class) beside ae.pt.",
+            stacklevel=3,
+        )
     get = sd.get
     k: int | None = None
     apply_b_dec = True
@@ -133,7 +154,7 @@ def read(folder: Path, *, dtype: str | None = None) -> SAE:
     meta: dict[str, Any] = {"dictionary_learning_class": cls}
     if trainer.get("lm_name"):
         meta["model_name"] = trainer["lm_name"]
-    site = _site(trainer)
+    site = _site(trainer, folder)
     if site:
         meta["site"] = site
     if cls in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE"):

@@ -11,11 +11,20 @@ Both are JumpReLU SAEs on raw activations (no b_dec subtraction):
 Site, layer, model and L0 are read from the path where it follows the layout.
 saelab adds an optional `saelab.json` beside v1's params.npz (other readers ignore
 it) so that its provenance survives a round trip; v2 keeps it in config.json.
+
+Sites. v1: the repository says it (``-res`` resid_post, ``-mlp`` mlp_out after the
+post-MLP norm, ``-att`` attn_z: TransformerLens's hooks, as SAELens maps them).
+v2: config.json's ``hf_hook_point_in`` (see `names.hook_point_site`); without it the
+folder, as Gemma Scope 2 lays it out (``attn_out`` SAEs read ``o_proj``'s input: attn_z).
+Transcoders (v1 ``-transcoders`` repositories; v2 ``"type": "transcoder"``, an
+``hf_hook_point_out`` that differs from the input, an affine skip, ``transcoder``/``clt``
+folders) are refused: their decoder writes another activation than the one they read.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,25 +33,52 @@ import numpy as np
 import torch
 
 from saelab.errors import CorruptFileError, UnsafeFileError
+from saelab.models.sites import KINDS
 from saelab.sae.base import SAE, SAEConfig
 from saelab.sae.formats._common import (
     FormatError,
     atomic_files,
     file_dtype,
-    fill_site,
-    hf_hook_to_site,
-    infer_from_path,
     raw_input_jumprelu,
     read_json,
     read_safetensors,
-    site_to_hf_gemma,
     write_json,
     write_safetensors,
+)
+from saelab.sae.formats.names import (
+    family_hint,
+    fill_site,
+    hook_point_site,
+    refuse_transcoder,
+    site_to_tl,
 )
 
 NPZ, SIDECAR = "params.npz", "saelab.json"
 V2_WEIGHTS, V2_CONFIG = "params.safetensors", "config.json"
 _NAMES = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+
+
+def infer_from_path(path: Path) -> dict[str, Any]:
+    """Provenance readable from a Gemma-Scope-like path (layer, site kind, model, L0)."""
+    s = path.resolve().as_posix()
+    meta: dict[str, Any] = {}
+    layer = re.search(r"layer_(\d+)", s)
+    kind = next((p for p in reversed(path.resolve().parts) if p in KINDS), None)
+    repo = re.search(r"gemma-scope-(\d+[bm])-(pt|it)-(res|mlp|att)\b", s)
+    if repo:
+        size, tune, what = repo.groups()
+        kind = kind or {"res": "resid_post", "mlp": "mlp_out", "att": "attn_z"}[what]
+        meta["model_name"] = f"google/gemma-2-{size}" + ("-it" if tune == "it" else "")
+    if layer and kind:
+        meta["site"] = f"{kind}.{int(layer.group(1))}"
+        meta["hook_name"] = site_to_tl(meta["site"], meta.get("model_name"))
+    l0 = re.search(r"average_l0_(\d+)", s)
+    if l0:
+        meta["l0"] = int(l0.group(1))
+    label = re.search(r"_l0_(small|medium|big)\b", s)
+    if label:
+        meta["l0_label"] = label.group(1)
+    return meta
 
 
 def _canonical(name: str) -> str:
@@ -107,9 +143,20 @@ def _sidecar(folder: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ v1
 def read_v1(folder: Path, *, dtype: str | None = None) -> SAE:
-    tensors = _read_npz(folder / NPZ)
-    meta = {**infer_from_path(folder), **_sidecar(folder)}
     source = str(folder / NPZ)
+    sidecar = _sidecar(folder)
+    where = folder.resolve().as_posix()
+    # google/gemma-scope-2b-pt-transcoders/layer_3/... (also as the HF cache names the repository)
+    if not sidecar and re.search(r"(?:^|[-_/])transcoders?/", where):
+        layer = re.search(r"layer_(\d+)", where)
+        L = layer.group(1) if layer else "L"
+        refuse_transcoder(
+            f"{source} (a Gemma Scope transcoder, by its folder)",
+            f"blocks.{L}.ln2.hook_normalized (the MLP's input)",
+            f"blocks.{L}.hook_mlp_out (the MLP's output)",
+        )
+    tensors = _read_npz(folder / NPZ)
+    meta = {**infer_from_path(folder), **sidecar}
     return SAE.from_tensors(_cfg(tensors, meta, dtype, source), tensors, source=source)
 
 
@@ -132,30 +179,62 @@ def scope_folder(layer: int, d_sae: int, l0: float) -> str:
 
 
 # ------------------------------------------------------------------ v2
+# Gemma Scope 2 folders (``resid_post_all/layer_3_...``) and the hook point each reads.
+_V2_FOLDERS = {
+    "resid_post": "model.layers.{L}.output",
+    "attn_out": "model.layers.{L}.self_attn.o_proj.input",
+    "mlp_out": "model.layers.{L}.post_feedforward_layernorm.output",
+}
+
+
+def _v2_refuse_transcoder(folder: Path, conf: dict[str, Any], raw: dict[str, torch.Tensor]) -> None:
+    source = str(folder / V2_WEIGHTS)
+    hook_in, hook_out = conf.get("hf_hook_point_in"), conf.get("hf_hook_point_out")
+    kind = conf.get("type")
+    skip = "affine_skip_connection" in raw or bool(conf.get("affine_connection"))
+    w_dec = raw.get("W_dec")
+    cross = w_dec is not None and w_dec.ndim != 2
+    folder_says = re.search(r"(?:^|/)(transcoder|clt)[^/]*/[^/]*$", folder.resolve().as_posix())
+    if not (kind not in (None, "sae") or (hook_out and hook_in and hook_out != hook_in)
+            or skip or cross or (folder_says and not conf)):
+        return
+    layer = re.search(r"layer_(\d+)", folder.name)
+    L = layer.group(1) if layer else "L"
+    hook_in = hook_in or f"model.layers.{L}.pre_feedforward_layernorm.output"
+    hook_out = hook_out or f"model.layers.{L}.post_feedforward_layernorm.output"
+    what = "cross-layer transcoder" if cross or (folder_says and folder_says[1] == "clt") else (
+        "skip transcoder" if skip else "transcoder")
+    refuse_transcoder(f"{source} (a Gemma Scope 2 {what})", hook_in, hook_out)
+
+
 def read_v2(folder: Path, *, dtype: str | None = None) -> SAE:
     source = str(folder / V2_WEIGHTS)
     raw = {_canonical(k): v for k, v in read_safetensors(folder / V2_WEIGHTS).items()}
-    if "affine_skip_connection" in raw or (raw.get("W_dec") is not None and raw["W_dec"].ndim != 2):
-        raise FormatError(
-            f"{source} is a transcoder or cross-layer transcoder (it has a skip connection "
-            "or a per-layer decoder); saelab loads SAEs only."
-        )
     conf = read_json(folder / V2_CONFIG) if (folder / V2_CONFIG).exists() else {}
+    _v2_refuse_transcoder(folder, conf, raw)
     arch = conf.get("architecture", "jump_relu")
     if arch != "jump_relu":
         raise FormatError(
             f"{folder / V2_CONFIG}: architecture {arch!r}; Gemma Scope 2 SAEs are 'jump_relu'"
         )
     meta = infer_from_path(folder)
+    meta.pop("hook_name", None)
     if conf.get("model_name"):
         name = conf["model_name"]
         meta["model_name"] = name if "/" in name else f"google/{name}"
-    if conf.get("hf_hook_point_in"):
-        meta["hf_hook_name"] = conf["hf_hook_point_in"]
-        site = hf_hook_to_site(conf["hf_hook_point_in"])
-        if site:
-            meta["site"] = site
-            meta.pop("hook_name", None)
+    hook, family = conf.get("hf_hook_point_in"), family_hint(meta.get("model_name"))
+    if not hook:  # Gemma Scope 2's own layout: the folder says which hook point
+        kind = next((k for k in _V2_FOLDERS if folder.parent.name.startswith(k)), None)
+        layer = re.search(r"layer_(\d+)", folder.name)
+        meta.pop("site", None)  # a folder named like a site kind is not exact by itself
+        if kind and layer:
+            hook, family = _V2_FOLDERS[kind].format(L=int(layer.group(1))), family or "gemma3"
+    if hook:
+        meta["hf_hook_name"] = hook
+        try:
+            meta["site"] = hook_point_site(hook, family)
+        except FormatError as e:
+            raise FormatError(f"{folder / V2_CONFIG}: {e}") from None
     meta.update(conf.get("saelab_metadata") or {})
     return SAE.from_tensors(_cfg(raw, meta, dtype, source), raw, source=source)
 
@@ -166,7 +245,7 @@ def write_v2(sae: SAE, folder: Path) -> None:
     conf: dict[str, Any] = {"architecture": "jump_relu", "width": sae.cfg.d_sae}
     if meta.get("model_name"):
         conf["model_name"] = meta["model_name"]
-    hook = meta.get("hf_hook_name") or site_to_hf_gemma(meta.get("site"))
+    hook = meta.get("hf_hook_name") or _gemma_hook_point(meta.get("site"), meta.get("model_name"))
     if hook:
         conf["hf_hook_point_in"] = hook
     if meta.get("l0") is not None:
@@ -176,3 +255,22 @@ def write_v2(sae: SAE, folder: Path) -> None:
     with atomic_files(folder) as tmp:
         write_safetensors(tmp(V2_WEIGHTS), tensors)
         write_json(tmp(V2_CONFIG), conf)
+
+
+# Gemma 2/3 hook points of the canonical sites (on other families these paths mean other tensors).
+_GEMMA_POINTS = {
+    "resid_post": "model.layers.{L}.output",
+    "attn_z": "model.layers.{L}.self_attn.o_proj.input",
+    "attn_out": "model.layers.{L}.post_attention_layernorm.output",
+    "mlp_in": "model.layers.{L}.mlp.input",
+    "mlp_out": "model.layers.{L}.post_feedforward_layernorm.output",
+}
+
+
+def _gemma_hook_point(site: str | None, model_name: str | None) -> str | None:
+    """The hook point to write for `site`: only for Gemma models, where it is exact."""
+    m = re.fullmatch(r"(\w+)\.(\d+)", site or "")
+    if not m or family_hint(model_name) not in ("gemma2", "gemma3"):
+        return None
+    point = _GEMMA_POINTS.get(m.group(1))
+    return point.format(L=m.group(2)) if point else None

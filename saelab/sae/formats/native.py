@@ -25,12 +25,12 @@ from saelab.sae.base import SAE, SAEConfig, UnknownArchitectureError
 from saelab.sae.formats._common import (
     atomic_files,
     file_dtype,
-    fill_site,
     read_json,
     read_safetensors,
     write_json,
     write_safetensors,
 )
+from saelab.sae.formats.names import fill_site
 
 CFG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 _FROM_SAELENS = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
@@ -94,11 +94,14 @@ def read(folder: Path, *, dtype: str | None = None) -> SAE:
             )
 
     meta = dict(raw.get("metadata") or {})
-    for key in ("model_name", "hook_name", "hook_head_index"):  # pre-6.0 kept these on top
+    for key in ("model_name", "hook_name", "hook_head_index", "model_class_name",
+                "model_from_pretrained_kwargs"):  # pre-6.0 kept these on top
         if key not in meta and raw.get(key) is not None:
             meta[key] = raw[key]
     if "hook_point" in raw and "hook_name" not in meta:
         meta["hook_name"] = raw["hook_point"]
+    if raw.get("hook_point_head_index") is not None and meta.get("hook_head_index") is None:
+        meta["hook_head_index"] = raw["hook_point_head_index"]
     dt = dtype or _dtype_name(raw.get("dtype")) or file_dtype(tensors, "W_enc", None)
     cfg = SAEConfig(
         architecture=arch,
@@ -107,7 +110,7 @@ def read(folder: Path, *, dtype: str | None = None) -> SAE:
         k=k,
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
         dtype=dt,
-        metadata=fill_site(meta),
+        metadata=fill_site(meta, str(folder / CFG)),
     )
     if arch == "topk" and raw.get("rescale_acts_by_decoder_norm"):
         # SAELens picks the top k of pre·|W_dec| and decodes f/|W_dec|: the same SAE

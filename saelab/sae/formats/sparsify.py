@@ -6,8 +6,14 @@
                       W_dec [d_sae, d_in], b_dec [d_in]
 
 Encode is ``topk(relu(linear(x - b_dec)))``: saelab's topk with b_dec subtracted.
-The hookpoint folder is a Hugging Face module path (`layers.12`, `layers.12.mlp`).
+The hookpoint folder is a module path relative to the model's ``base_model``
+(`layers.12`, `layers.12.mlp`, GPT-2's `h.12.attn`), and sparsify trains on that
+module's output. A block's output is resid_post; any other module's output is the
+raw site ``layers.12.mlp:out`` unless the run's model is known and saelab's site
+there is that very module (on Gemma 2/3 ``mlp_out`` comes after a post-norm, so
+``layers.12.mlp`` is never mlp_out there); see `names.module_site`.
 sparsify drops unknown cfg.json fields, so saelab keeps its provenance there.
+Transcoders and skip coders are refused.
 """
 
 from __future__ import annotations
@@ -21,13 +27,18 @@ from saelab.sae.formats._common import (
     FormatError,
     atomic_files,
     file_dtype,
-    fill_site,
-    hf_hook_to_site,
     read_json,
     read_safetensors,
     topk_with_b_dec,
     write_json,
     write_safetensors,
+)
+from saelab.sae.formats.names import (
+    family_hint,
+    fill_site,
+    looks_like_hookpoint,
+    module_site,
+    refuse_transcoder,
 )
 
 CFG, WEIGHTS = "cfg.json", "sae.safetensors"
@@ -43,7 +54,10 @@ def read(folder: Path, *, dtype: str | None = None) -> SAE:
             "sparsify's topk coders"
         )
     if raw.get("transcode") or raw.get("skip_connection") or "W_skip" in t:
-        raise FormatError(f"{folder}: a sparsify transcoder / skip coder; saelab loads SAEs only")
+        # sparsify's transcoders read the hookpoint's input and predict its output.
+        what = "skip transcoder" if raw.get("skip_connection") or "W_skip" in t else "transcoder"
+        refuse_transcoder(f"{folder} (a sparsify {what})", f"the input of {folder.name}",
+                          f"the output of {folder.name}")  # fmt: skip
     d_in, k = raw.get("d_in"), raw.get("k")
     if not isinstance(d_in, int) or not isinstance(k, int):
         raise CorruptFileError(f"{folder / CFG}: d_in and k must be integers, got {d_in!r}, {k!r}")
@@ -54,15 +68,15 @@ def read(folder: Path, *, dtype: str | None = None) -> SAE:
     if "encoder.bias" in tensors:
         tensors["b_enc"] = tensors.pop("encoder.bias")
     meta: dict[str, Any] = {"hf_hook_name": folder.name}
-    site = hf_hook_to_site(folder.name)
-    if site:
-        meta["site"] = site
     parent_cfg = folder.parent / "config.json"  # sparsify's run config, when present
     if parent_cfg.exists():
         run = read_json(parent_cfg)
         if isinstance(run.get("model"), str):
             meta["model_name"] = run["model"]
-    meta.update(raw.get("saelab_metadata") or {})
+    saelab_meta = raw.get("saelab_metadata") or {}
+    if not saelab_meta.get("site") and looks_like_hookpoint(folder.name):
+        meta["site"] = module_site(folder.name, "out", family_hint(meta.get("model_name")))
+    meta.update(saelab_meta)
     cfg = SAEConfig(
         "topk",
         d_in=d_in,
