@@ -189,7 +189,7 @@ class App:
         mode = body.get("mode", "add")
         if mode not in ("add", "clamp"):
             raise HttpError(400, f"mode must be 'add' or 'clamp', got {mode!r}")
-        strength = body.get("strength", 4.0)
+        strength = body.get("strength", 0.25)  # site norms: saelab.interventions.strength
         if not isinstance(strength, int | float) or not math.isfinite(strength) or abs(strength) > 1000:
             raise HttpError(400, f"strength must be a number within ±1000, got {strength!r}")
         temperature = body.get("temperature", 0.7)
