@@ -99,3 +99,22 @@ def test_default_steer_shifts_the_text_and_keeps_it_fluent(embedded_lm, embedded
     assert steered_ppl < 4 * plain_ppl
     old = run_generate(lm, PROMPT, strength=8.0, unit="raw", **kw)
     assert perplexity(lm, old.edited.samples) > steered_ppl
+
+
+def test_generate_command_refuses_bad_values_before_loading_a_model():
+    import typer
+    from typer.testing import CliRunner
+
+    from saelab.interventions.commands import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # a second command keeps typer's subcommand dispatch
+    runner = CliRunner()
+    for args, message in ((["--prompt", ""], "prompt is empty"),
+                          (["--prompt", "hi", "--strength", "nan"], "finite"),
+                          (["--prompt", "hi", "--unit", "inch"], "unit")):
+        res = runner.invoke(app, ["generate", "--model", "not-a-model-at-all", *args])
+        assert res.exit_code == 2 and message in res.output, res.output
+    help_text = " ".join(runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "in site norms" in help_text and "Default 0.25" in help_text
