@@ -99,6 +99,10 @@ def run_generate(model: Any, prompt: str, *, chat: bool = False, sae: Any = None
         raise ValueError("an SAE was given but no feature to edit; pass feature=F (--feature F)")
     if sae_obj is None and feature is not None:
         raise ValueError(f"feature={feature} needs an SAE to edit it in; pass sae=PATH (--sae DIR)")
+    at = site or (sae_obj.cfg.site if sae_obj is not None else None)
+    if sae_obj is not None:  # before generating: a bad feature fails at once
+        value, norm = _edit_value(lm, sae_obj, at, feature, mode, strength, unit)
+        edit = FeatureEdit(feature, CLI_MODES[mode], value, positions)
     prompts, seeds = [prompt] * n, [seed + i for i in range(n)]
     common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seeds=seeds,
                   chat=chat)
@@ -106,9 +110,6 @@ def run_generate(model: Any, prompt: str, *, chat: bool = False, sae: Any = None
     edited = None
     settings: dict[str, Any] = {"model": getattr(lm, "name", str(model)), "chat": chat, **common}
     if sae_obj is not None:
-        at = site or sae_obj.cfg.site
-        value, norm = _edit_value(lm, sae_obj, at, feature, mode, strength, unit)
-        edit = FeatureEdit(feature, CLI_MODES[mode], value, positions)
         saes = {site: sae_obj} if site is not None else sae_obj  # the SAE object is not modified
         edited = generate(lm, prompts, saes=saes, edits=[edit], **common)
         settings |= {"sae": str(sae) if isinstance(sae, str | Path) else None, "site": at,
