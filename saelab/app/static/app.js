@@ -280,7 +280,7 @@ async function steerPage(name) {
        el("label", {}, "seed ", seed), el("label", {}, chat, " chat template")),
     el("p", {class: "muted", id: "steer-unit"}, "Strength is in site norms: N is the site's mean activation norm " +
        "on plain prose. add s adds a vector of norm s·N along the feature's decoder direction; clamp s holds the " +
-       "feature where its decoded part has norm s·N. 0.25 changes the text visibly and keeps it fluent; " +
+       "feature where its decoded part has norm s·N. On the embedded model 0.25 changes the text visibly and keeps it fluent; " +
        "1 and more give gibberish."),
     el("p", {}, go), out);
 }
