@@ -12,3 +12,15 @@ def embedded_lm():
     from saelab.models.load import load_model
 
     return load_model("smollm2-135m-instruct", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def embedded_sae(embedded_lm, tmp_path_factory):
+    """A TopK SAE trained here on the embedded model at resid_post.12 (20k builtin:stdlib
+    tokens, ~1 min on 2 CPU threads): real features, unlike a random SAE's (slow tests only).
+    Returns its folder; it read the first 20k tokens (157 contexts of 128) of the corpus."""
+    from saelab.studies.saes import SAEPlan, ensure_saes
+
+    plan = SAEPlan(sites=("resid_post.12",), arch="topk", width=1152, k=16, tokens=20_000,
+                   corpus="builtin:stdlib", batch_size=512)
+    return ensure_saes(embedded_lm, plan, tmp_path_factory.mktemp("embedded_sae"))["resid_post.12"]

@@ -1,5 +1,6 @@
 """attribute / verify: attributions are checked against interventions on tiny random models."""
 
+import json
 import math
 
 import pytest
@@ -156,6 +157,55 @@ def test_top_pairs_save_load_and_aggregate(tmp_path):
     assert stats[0].n_examples >= stats[-1].n_examples and 0 < stats[0].fraction <= 1
 
 
+def test_top_pairs_skip_the_first_and_special_positions():
+    model, saes = _setup("llama")
+    attr = attribute(model, saes, PROMPTS, METRIC)
+    for largest in (True, False):
+        everything = attr.top(10_000, example=0, largest=largest)
+        kept = [p for p in everything if p.position not in (0, 2)]  # PROMPTS[0][2] is token 14
+        got = attr.top(6, example=0, largest=largest, skip_first=1, skip_tokens={14})
+        assert [(p.site, p.position, p.feature) for p in got] == \
+               [(p.site, p.position, p.feature) for p in kept[:6]]
+        assert len(got) == 6 and any(p.position == 0 for p in everything)
+    errs = attr.top(50, example=0, include_error=True, skip_first=3)
+    assert errs and all(p.position >= 3 for p in errs)
+
+
+def test_attribute_command_skips_sinks_and_explains_the_shares(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from saelab.attribution.commands import register
+    from saelab.sae import save_sae
+
+    lm = tiny_lm("llama")
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    save_sae(_sae(lm.model, "resid_post.0", "topk", d_sae=64, seed=1), tmp_path / "sae")
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # a second command keeps typer's subcommand dispatch
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["attribute", "--help"], env={"COLUMNS": "200"}).output
+    assert 'KIND:"A":"B"@POS' in help_text and "\U0001f170" not in help_text  # not the 🅰 emoji
+    args = ["attribute", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae"),
+            "--prompt", "the cat sat", "--metric", 'logit_diff:"a":"b"@-1', "--top", "5"]
+    out = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert "position 0 and special tokens left out" in text
+    assert "through error: the same for the SAE's error term" in text
+
+    def top(*extra):
+        res = runner.invoke(app, [*args, "--json", *extra])
+        return [(r["site"], r["position"], r["feature"])
+                for r in json.loads(res.stdout[res.stdout.index("{"):])["top"]]
+
+    every = top("--include-special", "--top", "1000")
+    assert any(pos == 0 for _, pos, _ in every)  # position 0 (<bos>) has pairs to leave out
+    assert top() == [p for p in every if p[1] >= 1][:5]
+
+
 def test_metrics_look_tokens_up_and_say_what_is_wrong():
     tok = char_tokenizer()
     assert LogitDiff("a", ["b", "c"])._ids(tok) == ([tok.convert_tokens_to_ids("a")],
@@ -228,6 +278,9 @@ def test_embedded_chat_list_attribution_is_verified(embedded_lm, tmp_path):
                            verify_top=5, save=tmp_path / "attr.safetensors")
     rows = result.rows()
     assert len(rows) == 10 and rows[0]["attribution"] >= rows[-1]["attribution"]
+    specials = set(lm.tokenizer.all_special_ids) | set(result.skip_tokens)
+    assert all(r["position"] > 0 and result.attribution.tokens[0][r["position"]] not in specials
+               for r in rows)  # <|im_start|> at position 0 and later ones are left out
     assert result.token_texts[-1] == "\n"  # the chat template ends "<|im_start|>assistant\n"
     assert result.verification.correlation() > 0.5
     assert {r["site"] for r in result.site_rows()} == {"resid_post.6", "resid_post.18"}

@@ -319,6 +319,16 @@ def test_eval_and_compare_commands(lm, tmp_path):
     assert (tmp_path / "cmp" / "report.html").is_file()
     res = runner.invoke(app, ["eval", str(a), "--model", str(model_dir), "--batch-size", "0"])
     assert res.exit_code == 2 and "batch_size" in res.output
+    # At another site than it was trained at: evaluated as asked, with a warning and a note.
+    res = runner.invoke(app, ["eval", str(a), "--model", str(model_dir), "--tokens", "128",
+                              "--corpus", str(text), "--context", "64", "--bootstrap", "0",
+                              "--site", "resid_post.0", "--no-downstream", "--out",
+                              str(tmp_path / "other")])
+    assert res.exit_code == 0, res.output
+    text_out = " ".join(res.output.split())
+    assert "warning: the SAE was trained at site resid_post.1, and is evaluated at resid_post.0" in text_out
+    written = json.loads((tmp_path / "other" / "eval.json").read_text())
+    assert written["notes"][0].startswith("the SAE was trained at site resid_post.1")
 
 
 # ------------------------------------------------------------------ embedded model

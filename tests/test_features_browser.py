@@ -122,13 +122,16 @@ def test_prompt_search_links_to_features(page, base_url):
 def test_steering_side_by_side(page, base_url):
     page.goto(base_url + "/sae/l3/steer?feature=5")
     assert page.input_value("#steer-feature") == "5"
+    assert page.input_value("#steer-strength") == "0.25"  # the default, in site norms
+    assert "site norms" in page.inner_text("#steer-unit")
     page.fill("#steer-tokens", "12")
-    page.fill("#steer-strength", "60")
+    page.fill("#steer-strength", "2")
     page.click("#steer-go")
     page.wait_for_selector("#steer-steered", timeout=180_000)
     plain, steered = page.inner_text("#steer-plain"), page.inner_text("#steer-steered")
     assert plain.strip() and steered.strip()
     assert plain != steered  # a strong push along a feature changes the text
+    assert "N = " in page.inner_text("#steer-results")  # the unit's size is shown
     shot(page, "steer")
 
 

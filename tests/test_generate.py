@@ -162,8 +162,15 @@ def test_run_generate_side_by_side(embedded_lm, tmp_path):
     sae = _sae(embedded_lm.model, "resid_post.12", "topk", d_sae=256, k=8)
     save_sae(sae, tmp_path / "sae")
     result = run_generate(embedded_lm, "Name a colour.", chat=True, sae=tmp_path / "sae", feature=7,
-                          mode="add", strength=400.0, n=2, max_new_tokens=8, seed=3)
+                          mode="add", strength=2.0, n=2, max_new_tokens=8, seed=3)
     rows = result.rows()
     assert [r["seed"] for r in rows] == [3, 4]
     assert all(r["edited"] != r["unedited"] for r in rows)
-    assert result.to_json()["settings"]["site"] == "resid_post.12"
+    settings = result.to_json()["settings"]
+    assert settings["site"] == "resid_post.12" and settings["unit"] == "norm"
+    # 2 site norms: the random SAE's unit-norm row is scaled to 2 N (N ~145 at resid_post.12)
+    assert 50 < settings["site_norm"] < 500
+    assert settings["value"] == pytest.approx(2.0 * settings["site_norm"] / float(sae.W_dec[7].detach().norm()))
+    raw = run_generate(embedded_lm, "Name a colour.", chat=True, sae=sae, feature=7, strength=2.0,
+                       unit="raw", n=1, max_new_tokens=4)
+    assert raw.settings["value"] == 2.0 and raw.settings["site_norm"] is None

@@ -51,3 +51,90 @@ def test_embedded_model_loads_and_generates(embedded_lm):
     out = lm.model.generate(**ids, max_new_tokens=12, do_sample=False)
     text = lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
     assert len(text.strip()) > 0
+
+
+# ------------------------------------------------------------------ names that are not embedded
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if anything opens a socket or asks transformers for a hub model."""
+    import socket
+
+    import transformers
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"network or hub load attempted: {args[:1]}")
+
+    monkeypatch.setattr(socket, "create_connection", forbidden)
+    monkeypatch.setattr(socket.socket, "connect", forbidden)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", forbidden)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.delenv("ALL_PROXY", raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
+
+
+def test_a_typo_of_an_embedded_name_is_refused_with_the_fix_and_no_network(no_network, monkeypatch):
+    from saelab.models.load import load_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(UnknownModelError, match="did you mean 'smollm2-135m-instruct'"):
+        load_model("smollm2-135m-instrct")
+    with pytest.raises(UnknownModelError, match="Did you mean 'gemma3-270m'"):
+        get_entry("gemma3-270")
+
+
+def test_offline_hub_ids_fail_at_once(no_network, monkeypatch):
+    from saelab.errors import OfflineError
+    from saelab.models.load import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError, match="HF_HUB_OFFLINE is set"):
+        load_model("someone/some-model")
+
+
+def test_an_unreachable_hub_is_probed_once_then_refused(monkeypatch):
+    """No retries: one TCP connection attempt, then the error (transformers is never asked)."""
+    import socket
+
+    import transformers
+
+    from saelab.errors import OfflineError
+    from saelab.models.load import load_model
+
+    attempts = []
+
+    def refuse(address, timeout=None):
+        attempts.append((address, timeout))
+        raise OSError("Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: pytest.fail("transformers asked the hub"))
+    with pytest.raises(OfflineError, match="cannot be reached.*Embedded models"):
+        load_model("someone/some-model")
+    assert len(attempts) == 1 and attempts[0][1] == 3.0  # one probe, with a timeout
+
+
+def test_a_cached_hub_id_loads_without_the_network(no_network, monkeypatch):
+    import huggingface_hub
+    import transformers
+
+    from saelab.models.load import load_model
+
+    seen = []
+
+    def from_pretrained(name, **kwargs):
+        seen.append(kwargs.get("local_files_only"))
+        raise OSError("stop here")
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, file: "/x/config.json")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    with pytest.raises(Exception, match="could not load"):
+        load_model("someone/cached-model")
+    assert seen == [True]

@@ -18,6 +18,7 @@ from saelab.data.tokens import context_bos_id, encode_prompts
 from saelab.features.index import FeatureIndex
 from saelab.interventions.edits import FeatureEdit, steer_feature
 from saelab.interventions.generate import generate
+from saelab.interventions.strength import activation_value, site_norm
 from saelab.models.hooks import capture
 
 
@@ -39,6 +40,7 @@ class Live:
         self.lock = threading.Lock()
         self._lm: dict[str, Any] = {}
         self._saes: dict[str, Any] = {}
+        self._norms: dict[tuple[str, str], float] = {}  # (model, site) -> site norm
 
     # Callers load the SAE before the model: a missing SAE folder then fails fast.
     def lm(self, name: str):
@@ -110,21 +112,33 @@ class Live:
     def steer(self, key: str, index: FeatureIndex, *, prompt: str, feature: int, mode: str,
               strength: float, max_new_tokens: int, seed: int, temperature: float,
               chat: bool) -> dict:
-        """Unsteered and steered generations of `prompt` from the same seed, in one batch."""
+        """Unsteered and steered generations of `prompt` from the same seed, in one batch.
+
+        `strength` is in site norms (saelab.interventions.strength): add s adds a vector
+        of norm s*N along the feature's decoder direction, clamp s holds the feature where
+        its decoded part has norm s*N, N being the site's mean activation norm.
+        """
         with self.lock:
-            sae, lm = self.sae(key, index), self.lm(index.meta["model"]["name"])
+            name = index.meta["model"]["name"]
+            sae, lm = self.sae(key, index), self.lm(name)
             if chat and not getattr(lm.tokenizer, "chat_template", None):
                 raise ValueError("this model's tokenizer has no chat template; untick chat")
-            if mode == "add":  # x += strength * W_dec[f] at the site, no SAE in the forward
-                edits, saes = [steer_feature(sae, feature, strength, rows=[1])], None
+            site = sae.cfg.site
+            if (name, site) not in self._norms:
+                self._norms[name, site] = site_norm(lm, site)
+            norm = self._norms[name, site]
+            value = activation_value(sae, feature, strength, norm)
+            if mode == "add":  # x += value * W_dec[f] at the site, no SAE in the forward
+                edits, saes = [steer_feature(sae, feature, value, rows=[1])], None
             else:  # clamp the feature's activation through the spliced SAE (error term kept)
-                edits, saes = [FeatureEdit(feature, "set", strength, rows=[1])], sae
+                edits, saes = [FeatureEdit(feature, "set", value, rows=[1])], sae
             out = generate(lm, [prompt, prompt], seeds=[seed, seed], edits=edits, saes=saes,
                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.9,
                            chat=chat)
         plain, steered = out.samples
         return {"unsteered": plain.text, "steered": steered.text,
-                "stop": [plain.stop, steered.stop], "seed": seed}
+                "stop": [plain.stop, steered.stop], "seed": seed, "site_norm": norm,
+                "activation": value}
 
     # ------------------------------------------------------------- token ablation
     def ablation(self, key: str, index: FeatureIndex, feature: int, example: dict,

@@ -221,7 +221,7 @@ class App:
         args = dict(prompt=text_field(body, "prompt", MAX_PROMPT_CHARS),
                     feature=self.feature_id(index, int_field(body, "feature", None, 0, 2**62)),
                     mode=choice_field(body, "mode", "add", ("add", "clamp")),
-                    strength=number_field(body, "strength", 4.0, -1000.0, 1000.0),
+                    strength=number_field(body, "strength", 0.25, -1000.0, 1000.0),  # site norms
                     max_new_tokens=int_field(body, "max_new_tokens", 40, 1, MAX_NEW_TOKENS),
                     seed=int_field(body, "seed", 0, 0, 2**31 - 1),
                     temperature=number_field(body, "temperature", 0.7, 0.0, 2.0),

@@ -23,7 +23,14 @@ from saelab.attribution.metrics import as_metric
 from saelab.attribution.result import Attribution
 from saelab.attribution.verify import Verification, verify
 from saelab.console import JsonFlag, ModelOpt, console, emit_json, escape, user_errors
+from saelab.data.tokens import special_ids
 from saelab.errors import SaelabError
+
+SHARES_CAPTION = (
+    "through features: the summed attribution of the SAE's features (over all positions), the "
+    "first-order change of the metric if every feature there were zeroed; through error: the "
+    "same for the SAE's error term (what it fails to reconstruct). A large error share means "
+    "this SAE's features leave much of the mechanism out.")
 
 
 @dataclass
@@ -35,6 +42,10 @@ class AttributeResult:
     top: int
     verification: Verification | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    skip_first: int = 1
+    """Positions before this one are left out of the top pairs (position 0: an attention sink)."""
+    skip_tokens: tuple[int, ...] = ()
+    """Token ids whose positions are left out of the top pairs (the special tokens)."""
 
     @property
     def metric(self) -> float:
@@ -42,20 +53,23 @@ class AttributeResult:
 
     def rows(self, largest: bool = True) -> list[dict[str, Any]]:
         """The `top` (position, feature) pairs with the largest (or most negative) attribution."""
-        pairs = self.attribution.top(self.top, example=0, largest=largest)
+        pairs = self.attribution.top(self.top, example=0, largest=largest,
+                                     skip_first=self.skip_first, skip_tokens=self.skip_tokens)
         return [{"rank": i + 1, "site": p.site, "position": p.position,
                  "token": self.token_texts[p.position], "feature": p.feature, "act": p.act,
                  "attribution": p.value} for i, p in enumerate(pairs)]
 
     def site_rows(self) -> list[dict[str, Any]]:
-        """Per SAE: the metric's first-order share through its features and through its error."""
+        """Per SAE: the metric's first-order share through its features and through its error
+        (`SHARES_CAPTION`); these sums run over every position, skipped ones included."""
         return [{"site": site, "features": float(t["features"][0]), "error": float(t["error"][0])}
                 for site, t in self.attribution.totals().items()]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"settings": self.settings, "metric": self.metric,
                                "tokens": self.token_texts, "top": self.rows(),
-                               "bottom": self.rows(largest=False), "sites": self.site_rows()}
+                               "bottom": self.rows(largest=False), "sites": self.site_rows(),
+                               "sites_caption": SHARES_CAPTION}
         if self.verification is not None:
             r = self.verification.correlation()
             out["verification"] = {"correlation": None if math.isnan(r) else r,
@@ -66,13 +80,16 @@ class AttributeResult:
 def run_attribute(model: Any, sae_dirs: Any, prompt: str, metric_spec: str, *, top: int = 20,
                   chat: bool = False, method: str = "grad", ig_steps: int = 8, verify_top: int = 0,
                   verify_positions: str = "attributed", allow_multi: bool = False,
-                  save: str | Path | None = None, dtype: str = "float32") -> AttributeResult:
+                  save: str | Path | None = None, dtype: str = "float32",
+                  include_special: bool = False) -> AttributeResult:
     """Attribute `metric_spec` (e.g. ``'logit_diff:" ":"\\n"@-1'``) on `prompt` to the features
     of the SAEs in `sae_dirs` (folders / files `load_sae` reads, or SAEs), all spliced at once.
 
     model: a loaded LM or a name for `load_model`. verify_top: also ablate the top and
     bottom `verify_top` pairs one by one and together, and report predicted vs measured.
-    save: write the full sparse attribution to this safetensors file.
+    save: write the full sparse attribution to this safetensors file. The top pairs (and
+    the verified ones) leave out position 0 and special-token positions, whose attention-sink
+    features otherwise fill a chat prompt's list; include_special=True keeps them.
     """
     if top < 1:
         raise ValueError(f"top={top}: need at least one row")
@@ -86,19 +103,21 @@ def run_attribute(model: Any, sae_dirs: Any, prompt: str, metric_spec: str, *, t
         raise ValueError("no SAE given; pass at least one SAE folder (--sae DIR)")
     metric = as_metric(metric_spec, allow_multi=allow_multi)
     attr = attribute(lm, saes, [prompt], metric, method=method, ig_steps=ig_steps, chat=chat)
+    skip_first, skip_tokens = (0, ()) if include_special else (1, tuple(special_ids(lm.tokenizer)))
     check = None
     if verify_top > 0:
         check = verify(lm, saes, attr, metric, n_top=verify_top, n_bottom=verify_top,
-                       together=verify_top, positions=verify_positions)
+                       together=verify_top, positions=verify_positions, skip_first=skip_first,
+                       skip_tokens=skip_tokens)
     if save is not None:
         attr.save(save)
     texts = [lm.tokenizer.decode([t]) for t in attr.tokens[0]]
     settings = {"model": getattr(lm, "name", str(model)), "metric": metric_spec, "chat": chat,
-                "method": method, "sites": list(attr.sites),
+                "method": method, "sites": list(attr.sites), "include_special": include_special,
                 "saes": [str(s) if isinstance(s, str | Path) else None
                          for s in ([sae_dirs] if isinstance(sae_dirs, str | Path) else sae_dirs)],
                 **({"ig_steps": ig_steps} if method == "ig" else {})}
-    return AttributeResult(attr, texts, top, check, settings)
+    return AttributeResult(attr, texts, top, check, settings, skip_first, skip_tokens)
 
 
 def _sae(sae: Any) -> Any:
@@ -113,7 +132,7 @@ def _sae(sae: Any) -> Any:
 def attribute_cmd(
     prompt: Annotated[str, typer.Option(help="The prompt (the user turn with --chat).")],
     sae: Annotated[list[Path], typer.Option(help="SAE folder; repeat to attribute through several at once.")],
-    metric: Annotated[str, typer.Option(help='e.g. \'logit_diff:" ":"\\n"@-1\' (KIND:A:B@POS) or \'logprob:"text"\'.')],
+    metric: Annotated[str, typer.Option(help='e.g. \'logit_diff:" ":"\\n"@-1\' (KIND:"A":"B"@POS) or \'logprob:"text"\'.')],
     model: ModelOpt = "smollm2-135m-instruct",
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
     top: Annotated[int, typer.Option(help="Pairs to show.")] = 20,
@@ -121,23 +140,27 @@ def attribute_cmd(
     ig_steps: Annotated[int, typer.Option(help="Integrated-gradient steps.")] = 8,
     verify: Annotated[int, typer.Option(help="Ablate the top/bottom N features and compare.")] = 0,
     save: Annotated[Path | None, typer.Option(help="Save the full sparse attribution (safetensors).")] = None,
+    include_special: Annotated[bool, typer.Option(help="Also rank pairs at position 0 and at special tokens (attention sinks; left out by default).")] = False,
     json: JsonFlag = False,
 ) -> None:
     """Which SAE features drive a metric: act x gradient for every (position, feature)."""
     try:
         result = run_attribute(model, [str(p) for p in sae], prompt, metric, top=top, chat=chat,
-                               method=method, ig_steps=ig_steps, verify_top=verify, save=save)
+                               method=method, ig_steps=ig_steps, verify_top=verify, save=save,
+                               include_special=include_special)
     except ValueError as err:
         raise SaelabError(str(err)) from None
     if json:
         return emit_json(result.to_json())
+    skipped = "" if include_special else " (position 0 and special tokens left out)"
     table = Table("#", "site", "pos", "token", "feature", "act", "attribution",
-                  title=f"metric {result.metric:.4g}: top pairs")
+                  title=f"metric {result.metric:.4g}: top pairs{skipped}")
     for r in result.rows():
         table.add_row(str(r["rank"]), r["site"], str(r["position"]), escape(repr(r["token"])),
                       str(r["feature"]), f"{r['act']:.3g}", f"{r['attribution']:+.4g}")
     console.print(table)
-    sites = Table("site", "through features", "through error", title="first-order share per SAE")
+    sites = Table("site", "through features", "through error", title="first-order share per SAE",
+                  caption=SHARES_CAPTION)
     for r in result.site_rows():
         sites.add_row(r["site"], f"{r['features']:+.4g}", f"{r['error']:+.4g}")
     console.print(sites)

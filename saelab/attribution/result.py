@@ -15,7 +15,9 @@ plus ``metric``, ``tokens`` and ``lengths``), `load` reads it back.
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -78,24 +80,37 @@ class Attribution:
         return len(self.tokens)
 
     def top(self, k: int = 20, *, example: int = 0, largest: bool = True,
-            sites: list[str] | None = None, include_error: bool = False) -> list[Pair]:
+            sites: list[str] | None = None, include_error: bool = False, skip_first: int = 0,
+            skip_tokens: Collection[int] = ()) -> list[Pair]:
         """The k (position, feature) pairs of `example` with the largest (or, with
-        largest=False, the most negative) signed attribution, over the chosen sites."""
+        largest=False, the most negative) signed attribution, over the chosen sites.
+
+        skip_first: leave out positions < skip_first (position 0 is an attention sink whose
+        features take most of the attribution of a chat prompt); skip_tokens: leave out the
+        positions holding these token ids (special tokens such as <|im_start|>).
+        """
+        tokens = torch.tensor(self.tokens[example], dtype=torch.long)
+        counted = torch.arange(len(tokens)) >= skip_first
+        if len(skip_tokens):
+            counted &= ~torch.isin(tokens, torch.tensor(sorted(skip_tokens), dtype=torch.long))
         cand: list[tuple[float, Pair]] = []
         for name in sites or list(self.sites):
             s = self.sites[name]
             rows = s.rows_of(example)
-            vals = s.value[rows]
-            n = min(k, vals.numel())
-            best = vals.topk(n, largest=largest).indices if n else vals.new_zeros(0, dtype=torch.long)
-            for i in best.tolist():
-                _, pos, feat = s.index[rows][i].tolist()
-                cand.append((float(vals[i]), self._pair(example, name, pos, feat, float(s.act[rows][i]),
+            index, act = s.index[rows], s.act[rows]
+            vals = s.value[rows].masked_fill(~counted[index[:, 1]], math.nan)
+            n = min(k, int((~vals.isnan()).sum()))
+            # NaN marks a skipped position; topk would rank it first either way, so order by hand
+            order = vals.nan_to_num(-math.inf if largest else math.inf).argsort(descending=largest)
+            for i in order[:n].tolist():
+                _, pos, feat = index[i].tolist()
+                cand.append((float(vals[i]), self._pair(example, name, pos, feat, float(act[i]),
                                                        float(vals[i]))))
             if include_error:
                 err = s.error[example, :len(self.tokens[example])]
                 for pos, v in enumerate(err.tolist()):
-                    cand.append((v, self._pair(example, name, pos, None, float("nan"), v)))
+                    if counted[pos]:
+                        cand.append((v, self._pair(example, name, pos, None, float("nan"), v)))
         cand.sort(key=lambda c: c[0], reverse=largest)
         return [p for _, p in cand[:k]]
 

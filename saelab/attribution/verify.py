@@ -20,7 +20,7 @@ Every ablation is one batch row; rows of several examples share a forward pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -77,11 +77,12 @@ class _Row:
     check: Check | None  # None for the clean row
 
 
-def _candidates(attr: Attribution, e: int, n: int, largest: bool, positions: str
-                ) -> list[tuple[str, int, int | None, float]]:
+def _candidates(attr: Attribution, e: int, n: int, largest: bool, positions: str,
+                skip: dict) -> list[tuple[str, int, int | None, float]]:
     """(site, feature, position or None, predicted) of the n most extreme pairs or features."""
     if positions == "attributed":
-        return [(p.site, p.feature, p.position, p.value) for p in attr.top(n, example=e, largest=largest)]
+        return [(p.site, p.feature, p.position, p.value)
+                for p in attr.top(n, example=e, largest=largest, **skip)]
     found = []
     for site in attr.sites:
         feats, totals = attr.feature_totals(e, site)
@@ -95,19 +96,19 @@ def _edit(site: str, feature: int, position: int | None) -> FeatureEdit:
 
 
 def _rows(attr: Attribution, examples: Sequence[int], n_top: int, n_bottom: int, together: int,
-          positions: str) -> list[_Row]:
+          positions: str, skip: dict) -> list[_Row]:
     rows = []
     for e in examples:
         rows.append(_Row(e, [], None))
         seen = set()
         for kind, n, largest in (("top", n_top, True), ("bottom", n_bottom, False)):
-            for site, feat, pos, value in _candidates(attr, e, n, largest, positions):
+            for site, feat, pos, value in _candidates(attr, e, n, largest, positions, skip):
                 if (site, feat, pos) in seen:  # few active features: top and bottom overlap
                     continue
                 seen.add((site, feat, pos))
                 rows.append(_Row(e, [_edit(site, feat, pos)], Check(e, kind, site, feat, pos, value, 0.0)))
         if together > 0:
-            group = _candidates(attr, e, together, True, positions)
+            group = _candidates(attr, e, together, True, positions, skip)
             if group:
                 group_sites = {site for site, *_ in group}
                 check = Check(e, "together", group_sites.pop() if len(group_sites) == 1 else None,
@@ -120,12 +121,14 @@ def _rows(attr: Attribution, examples: Sequence[int], n_top: int, n_bottom: int,
 def verify(lm: Any, saes: SAEs, attr: Attribution, metric: Metric | str | Callable, *,
            n_top: int = 5, n_bottom: int = 5, together: int = 5, positions: str = "attributed",
            examples: Sequence[int] | None = None, batch_size: int = 16, tokenizer: Any = None,
-           allow_multi: bool = False) -> Verification:
+           allow_multi: bool = False, skip_first: int = 0,
+           skip_tokens: Collection[int] = ()) -> Verification:
     """Ablate the most positively and negatively attributed features of each example and
     compare the measured change of `metric` with the attribution (see the module docstring).
 
     saes and metric must be those `attr` was computed with. positions: "attributed"
     (zero a pair at its position) or "all" (zero a feature wherever it is active).
+    skip_first, skip_tokens: as in `Attribution.top`, for the "attributed" pairs.
     """
     if positions not in ("attributed", "all"):
         raise ValueError(f"verify: positions={positions!r}; expected 'attributed' or 'all'")
@@ -140,7 +143,8 @@ def verify(lm: Any, saes: SAEs, attr: Attribution, metric: Metric | str | Callab
                          "pass the SAEs it was computed with")
     metric = as_metric(metric, allow_multi=allow_multi)
     examples = list(range(attr.n_examples)) if examples is None else list(examples)
-    rows = _rows(attr, examples, n_top, n_bottom, together, positions)
+    skip = {"skip_first": skip_first, "skip_tokens": skip_tokens}
+    rows = _rows(attr, examples, n_top, n_bottom, together, positions, skip)
     device = next(model.parameters()).device
     pad = pad_id(tokenizer) if tokenizer is not None else 0
     values = []

@@ -30,11 +30,14 @@ def sae_folder(path: str | os.PathLike) -> Path:
 
 def run_eval(sae: str | os.PathLike, *, model: str | None = None, out: str | os.PathLike | None = None,
              device: str = "cpu", on_progress: Callable[[int, int], None] | None = None,
-             on_sensitivity: Callable[[int, int], None] | None = None, **settings: Any) -> dict:
+             on_sensitivity: Callable[[int, int], None] | None = None,
+             on_note: Callable[[str], None] | None = None, **settings: Any) -> dict:
     """Load the SAE and its model in float32, evaluate, write eval.json + report.html.
 
     model: default the SAE's recorded model, else the embedded default. out: default
-    SAE_DIR/eval. settings: EvalConfig fields (tokens, corpus, context, ...).
+    SAE_DIR/eval. settings: EvalConfig fields (tokens, corpus, context, ...). A site or
+    model other than the SAE's recorded one is evaluated as asked, with a note in
+    result["notes"], also given to `on_note` before the (long) evaluation starts.
     """
     from saelab.evals.run import EvalConfig, evaluate
     from saelab.models.load import load_model
@@ -45,12 +48,28 @@ def run_eval(sae: str | os.PathLike, *, model: str | None = None, out: str | os.
     except ValueError as err:
         raise SaelabError(str(err)) from None
     sae_obj = load_sae(sae, dtype="float32").to(device)
+    notes = mismatch_notes(sae_obj.cfg, config.site, model)
+    for note in notes:
+        if on_note is not None:
+            on_note(note)
     lm = load_model(model or sae_obj.cfg.model_name or DEFAULT_MODEL, dtype="float32", device=device)
     out = Path(out) if out is not None else sae_folder(sae) / "eval"
     result = evaluate(lm, sae_obj, config, out=out, on_progress=on_progress, sae_path=str(sae),
-                      on_sensitivity=on_sensitivity)
+                      on_sensitivity=on_sensitivity, notes=notes)
     result["out"] = str(out)
     return result
+
+
+def mismatch_notes(cfg: Any, site: str | None, model: str | None) -> list[str]:
+    """Notes for evaluating an SAE at a site or on a model other than the ones it was trained
+    at (as `compare` notes SAEs of different sites): its numbers then mean little."""
+    notes = []
+    for what, asked, recorded in (("site", site, cfg.site), ("model", model, cfg.model_name)):
+        if asked and recorded and asked != recorded:
+            notes.append(f"the SAE was trained at {what} {recorded}, and is evaluated at {asked}: "
+                         "expect a poor reconstruction (FVU near or above 1) that says nothing "
+                         f"about the SAE; drop --{what} to use the recorded one.")
+    return notes
 
 
 def run_compare(a: str | os.PathLike, b: str | os.PathLike, *, hungarian: bool = False,
@@ -141,8 +160,11 @@ def register(app: typer.Typer) -> None:
                 bar.update(tasks[name], completed=done, total=total, info=f"{done:,} {unit}")
             return update
 
+        def warn(note: str) -> None:
+            console.print(f"[yellow]warning:[/] {note}", highlight=False)
+
         try:
-            result = run_eval(sae, model=model, out=out, device=device,
+            result = run_eval(sae, model=model, out=out, device=device, on_note=warn,
                               on_progress=updater("eval", "tokens"),
                               on_sensitivity=updater("sensitivity", "bases"),
                               tokens=tokens, corpus=corpus, context=context, batch_size=batch_size,

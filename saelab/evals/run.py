@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -102,8 +102,11 @@ class EvalConfig:
 
 def evaluate(lm, sae, config: EvalConfig | None = None, *, out: str | os.PathLike | None = None,
              on_progress: Callable[[int, int], None] | None = None, sae_path: str | None = None,
-             on_sensitivity: Callable[[int, int], None] | None = None, **settings: Any) -> dict:
+             on_sensitivity: Callable[[int, int], None] | None = None, notes: Sequence[str] = (),
+             **settings: Any) -> dict:
     """Evaluate `sae` on `lm`; return the eval.json dict and, with `out`, write the files.
+
+    notes: the caller's notes (e.g. a site other than the SAE's), put first in "notes".
 
     lm: a loaded LM or a model name / path (loaded in float32). sae: an SAE or a path
     `load_sae` reads (loaded in float32, recorded as `sae_path`). settings: EvalConfig fields (tokens, corpus, context, batch_size, bootstrap,
@@ -124,7 +127,7 @@ def evaluate(lm, sae, config: EvalConfig | None = None, *, out: str | os.PathLik
         sae_path, sae = str(sae), load_sae(sae, dtype="float32").to(lm.device)
     site = next(iter(bind_saes(lm.arch, {cfg.site: sae} if cfg.site else sae)))
     corpus = cfg.corpus if isinstance(cfg.corpus, Corpus) else load_corpus(cfg.corpus)
-    notes = _precision_notes(lm, sae)
+    notes = [*notes, *_precision_notes(lm, sae)]
     skip, held_out = ((cfg.skip_contexts, {"held_out": "given", "note": "skip_contexts given"})
                       if cfg.skip_contexts is not None
                       else held_out_skip(sae.cfg, corpus, lm.tokenizer, cfg.context))

@@ -1,16 +1,19 @@
 """What `saelab generate` computes, as a plain function the CLI wraps.
 
     result = run_generate("smollm2-135m-instruct", "Name three rivers.", chat=True,
-                          sae="runs/sae", feature=123, mode="add", strength=8.0, n=4)
+                          sae="runs/sae", feature=123, mode="add", strength=0.25, n=4)
     result.rows()      # [{"sample": 0, "seed": 0, "unedited": ..., "edited": ...}, ...]
     result.to_json()   # everything, for --json
 
 Both columns use the same seeds, so each edited sample differs from its
-unedited neighbour only by the edit.
+unedited neighbour only by the edit. `add` and `clamp` strengths are in site
+norms by default (see saelab/interventions/strength.py): add 0.25 pushes a
+quarter of the site's typical activation norm along the feature's direction.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,8 +25,11 @@ from saelab.console import JsonFlag, ModelOpt, console, emit_json, escape, user_
 from saelab.errors import SaelabError
 from saelab.interventions.edits import FeatureEdit, Positions
 from saelab.interventions.generate import Generation, generate
+from saelab.interventions.strength import DEFAULT_STRENGTH, UNITS, activation_value, site_norm
 
 CLI_MODES = {"add": "add", "clamp": "set", "set": "set", "zero": "zero", "scale": "scale"}
+DEFAULT_SCALE = 2.0
+"""Default factor of `scale` (unitless)."""
 
 
 @dataclass
@@ -58,19 +64,29 @@ class GenerateResult:
 
 
 def run_generate(model: Any, prompt: str, *, chat: bool = False, sae: Any = None,
-                 feature: int | None = None, mode: str = "add", strength: float = 4.0,
-                 positions: Positions = "all", site: str | None = None, seed: int = 0, n: int = 1,
-                 max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.9,
-                 dtype: str = "float32") -> GenerateResult:
+                 feature: int | None = None, mode: str = "add", strength: float | None = None,
+                 unit: str = "norm", positions: Positions = "all", site: str | None = None,
+                 seed: int = 0, n: int = 1, max_new_tokens: int = 64, temperature: float = 0.8,
+                 top_p: float = 0.9, dtype: str = "float32") -> GenerateResult:
     """Generate `n` samples of `prompt` (seeds seed..seed+n-1), with and without a feature edit.
 
     model: a loaded LM or a name for `load_model`. sae: a folder / file `load_sae` reads
     or an SAE; with it, `feature` is edited by `mode` (add | clamp | zero | scale) with
-    `strength` (the added amount, clamp value or factor) at `positions`. `site` overrides
-    the SAE's recorded site.
+    `strength` at `positions`. For add and clamp, strength is in site norms with
+    unit="norm" (default 0.25; see saelab.interventions.strength) or in the SAE's raw
+    activation units with unit="raw"; for scale it is the factor (default 2). `site`
+    overrides the SAE's recorded site. Raises ValueError for bad settings.
     """
     if mode not in CLI_MODES:
         raise ValueError(f"mode={mode!r}; expected one of {', '.join(CLI_MODES)}")
+    if unit not in UNITS:
+        raise ValueError(f"unit={unit!r}; expected one of {', '.join(UNITS)}")
+    if strength is None:
+        strength = DEFAULT_SCALE if mode == "scale" else DEFAULT_STRENGTH
+    if not math.isfinite(strength):
+        raise ValueError(f"strength={strength}: give a finite number")
+    if not prompt.strip():
+        raise ValueError("the prompt is empty; give some text (--prompt TEXT)")
     if n < 1:
         raise ValueError(f"n={n}: need at least one sample")
     lm = model
@@ -83,6 +99,10 @@ def run_generate(model: Any, prompt: str, *, chat: bool = False, sae: Any = None
         raise ValueError("an SAE was given but no feature to edit; pass feature=F (--feature F)")
     if sae_obj is None and feature is not None:
         raise ValueError(f"feature={feature} needs an SAE to edit it in; pass sae=PATH (--sae DIR)")
+    at = site or (sae_obj.cfg.site if sae_obj is not None else None)
+    if sae_obj is not None:  # before generating: a bad feature fails at once
+        value, norm = _edit_value(lm, sae_obj, at, feature, mode, strength, unit)
+        edit = FeatureEdit(feature, CLI_MODES[mode], value, positions)
     prompts, seeds = [prompt] * n, [seed + i for i in range(n)]
     common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seeds=seeds,
                   chat=chat)
@@ -90,13 +110,27 @@ def run_generate(model: Any, prompt: str, *, chat: bool = False, sae: Any = None
     edited = None
     settings: dict[str, Any] = {"model": getattr(lm, "name", str(model)), "chat": chat, **common}
     if sae_obj is not None:
-        edit = FeatureEdit(feature, CLI_MODES[mode], 0.0 if mode == "zero" else strength, positions)
         saes = {site: sae_obj} if site is not None else sae_obj  # the SAE object is not modified
         edited = generate(lm, prompts, saes=saes, edits=[edit], **common)
-        settings |= {"sae": str(sae) if isinstance(sae, str | Path) else None,
-                     "site": site or sae_obj.cfg.site, "feature": feature, "mode": mode,
-                     "strength": strength, "positions": positions}
+        settings |= {"sae": str(sae) if isinstance(sae, str | Path) else None, "site": at,
+                     "feature": feature, "mode": mode, "strength": strength,
+                     "unit": unit if mode in ("add", "clamp", "set") else None, "value": value,
+                     "site_norm": norm, "positions": positions}
     return GenerateResult(prompts, seeds, unedited, edited, settings)
+
+
+def _edit_value(lm: Any, sae: Any, site: str | None, feature: int, mode: str, strength: float,
+                unit: str) -> tuple[float, float | None]:
+    """(the FeatureEdit's value in raw activation units, the site norm used or None)."""
+    if mode == "zero":
+        return 0.0, None
+    if mode == "scale" or unit == "raw":
+        return strength, None
+    if site is None:
+        raise ValueError("the SAE records no site, so its site norm is unknown; pass site=... "
+                         "(--site) or unit='raw'")
+    norm = site_norm(lm, site)
+    return activation_value(sae, feature, strength, norm), norm
 
 
 def _sae(sae: Any) -> Any:
@@ -114,8 +148,9 @@ def generate_cmd(
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
     sae: Annotated[Path | None, typer.Option(help="SAE folder whose feature is edited.")] = None,
     feature: Annotated[int | None, typer.Option(help="Feature to edit.")] = None,
-    mode: Annotated[str, typer.Option(help="add (steer by strength x W_dec[f]), clamp, zero, scale.")] = "add",
-    strength: Annotated[float, typer.Option(help="Added amount, clamp value or factor.")] = 4.0,
+    mode: Annotated[str, typer.Option(help="add (push along the feature's decoder direction), clamp (hold the feature at a value), zero, scale.")] = "add",
+    strength: Annotated[float | None, typer.Option(help="add/clamp: in site norms (N = the site's mean activation norm on plain prose): add s adds a vector of norm s*N along the feature's direction, clamp s sets the feature so that its decoded part has norm s*N. Default 0.25 (visible, still fluent; 1 and more give gibberish). scale: the factor (default 2).")] = None,
+    unit: Annotated[str, typer.Option(help="norm (site norms, above) or raw (the SAE's own activation units).")] = "norm",
     positions: Annotated[str, typer.Option(help="all, prompt, generated, or P: (from P on).")] = "all",
     seed: Annotated[int, typer.Option(help="Seed of the first sample (samples use seed..seed+n-1).")] = 0,
     n: Annotated[int, typer.Option(help="Samples.")] = 1,
@@ -127,7 +162,7 @@ def generate_cmd(
     """Generate with and without a feature edit, same seeds, side by side."""
     try:
         result = run_generate(model, prompt, chat=chat, sae=sae, feature=feature, mode=mode,
-                              strength=strength, positions=positions, seed=seed, n=n,
+                              strength=strength, unit=unit, positions=positions, seed=seed, n=n,
                               max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p)
     except ValueError as err:
@@ -136,11 +171,22 @@ def generate_cmd(
         return emit_json(result.to_json())
     edited = result.edited is not None
     table = Table("seed", "unedited", *(["edited"] if edited else []), show_lines=True,
-                  title=f"feature {feature}, {mode} {strength}" if edited else None)
+                  title=_title(result.settings) if edited else None)
     for row in result.rows():
         table.add_row(str(row["seed"]), escape(row["unedited"]),
                       *([escape(row["edited"])] if edited else []))
     console.print(table)
+
+
+def _title(settings: dict[str, Any]) -> str:
+    """e.g. "feature 12, add 0.25 site norms (N = 145; activation 0.254)"."""
+    title = f"feature {settings['feature']}, {settings['mode']} {settings['strength']:g}"
+    if settings.get("site_norm") is not None:
+        title += (f" site norms (N = {settings['site_norm']:.4g} at {settings['site']}; "
+                  f"activation {settings['value']:.4g})")
+    elif settings.get("unit") == "raw":
+        title += " (raw activation)"
+    return title
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ verified by sha256 before they are trusted.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 from dataclasses import dataclass
@@ -93,13 +94,22 @@ CATALOG: dict[str, CatalogEntry] = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+def closest_name(name: str, cutoff: float = 0.8) -> str | None:
+    """The embedded model name most like `name` (a typo's fix), or None below `cutoff` (0-1)."""
+    lowered = {n.lower(): n for n in CATALOG}
+    match = difflib.get_close_matches(name.strip().lower(), list(lowered), n=1, cutoff=cutoff)
+    return lowered[match[0]] if match else None
+
+
 def get_entry(name: str) -> CatalogEntry:
     try:
         return CATALOG[name]
     except KeyError:
         known = ", ".join(CATALOG)
+        close = closest_name(name)
+        hint = f"Did you mean {close!r}? " if close else ""
         raise UnknownModelError(
-            f"unknown model {name!r}. Embedded models: {known}. "
+            f"unknown model {name!r}. {hint}Embedded models: {known}. "
             "A Hugging Face id, a local model folder or a .gguf file also work."
         ) from None
 

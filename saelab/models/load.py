@@ -1,5 +1,12 @@
 """load_model: catalog names, .gguf files, local folders and Hugging Face ids.
 
+A name that is neither embedded nor a local path is a Hugging Face id. Before
+transformers is asked (it retries an unreachable hub for ~50 s), the id is
+looked up in the local HF cache (then loaded without the network); a name
+without an owner that is close to an embedded name is taken as a typo and
+refused with the fix, without the network; offline (HF_HUB_OFFLINE, or the
+hub's host not answering within 3 s) it fails at once.
+
 GGUF weights are dequantized once (20-45 s) and cached as safetensors under
 $SAELAB_CACHE/models, so later loads take about a second. The cache folder is
 written under a temporary name and renamed into place, so an interrupted
@@ -12,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +27,7 @@ from pathlib import Path
 import torch
 
 from saelab.errors import OfflineError, UnknownModelError
-from saelab.models.catalog import CATALOG, get_entry, sha256_of
+from saelab.models.catalog import CATALOG, closest_name, get_entry, sha256_of
 from saelab.precision import dtype_name, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -153,9 +161,10 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "auto",
         folder, source_hash = path, _config_hash(path)
     else:
         folder, source_hash = name, ""
+    local = {"local_files_only": True} if isinstance(folder, str) and _hub_ready(name) else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **local)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **local)
     except OSError as err:
         if isinstance(folder, str):
             known = ", ".join(CATALOG)
@@ -174,6 +183,51 @@ def load_model(name_or_path: str | Path, *, dtype: str | torch.dtype = "auto",
         tokenizer.pad_token = tokenizer.eos_token
     return LM(model=model, tokenizer=tokenizer, arch=describe(model), name=name,
               source_hash=source_hash)
+
+
+def _hub_ready(name: str) -> bool:
+    """Check a Hugging Face id before transformers retries the hub: True if it is in the
+    local HF cache (load it offline), False if the hub must be asked.
+
+    Raises UnknownModelError for an owner-less name close to an embedded one (a typo;
+    no network is used), OfflineError when the hub is off or out of reach.
+    """
+    import huggingface_hub
+
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id (HFValidationError)
+        cached = None
+    if isinstance(cached, str):
+        return True
+    close = closest_name(name)
+    if "/" not in name and close is not None:
+        raise UnknownModelError(f"unknown model {name!r}: did you mean {close!r}? It is neither "
+                                "an embedded model, a local path nor in the Hugging Face cache.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") \
+        or bool(getattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False))
+    if offline or not _hub_reachable(huggingface_hub.constants.ENDPOINT):
+        close = closest_name(name, cutoff=0.5)
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
+        raise OfflineError(
+            f"{name!r} is not an embedded model, a local path or in the Hugging Face cache, and "
+            f"{why}. {f'Did you mean {close!r}? ' if close else ''}Embedded models: "
+            f"{', '.join(CATALOG)}; a local model folder or a .gguf file also work offline.")
+    return False
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a TCP connection (assumed yes behind an HTTP proxy)."""
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # the proxy, not us, reaches the hub
+    url = urlsplit(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _config_hash(folder: Path) -> str:

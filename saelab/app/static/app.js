@@ -253,9 +253,11 @@ async function steerPage(name) {
   const field = (id, attrs) => el("input", {id, ...attrs});
   const prompt = el("textarea", {id: "steer-prompt"}, "Tell me about your favourite place.");
   const feature = field("steer-feature", {type: "number", min: 0, value: params.get("feature") || "0"});
-  const mode = el("select", {id: "steer-mode"}, el("option", {value: "add"}, "add (strength × decoder direction)"),
-                  el("option", {value: "clamp"}, "clamp (activation = strength)"));
-  const strength = field("steer-strength", {type: "number", step: "any", value: "8"});
+  const mode = el("select", {id: "steer-mode"}, el("option", {value: "add"}, "add (push along the feature's direction)"),
+                  el("option", {value: "clamp"}, "clamp (hold the feature at a value)"));
+  // Strength is in site norms (N = the site's mean activation norm on plain prose), the same unit as
+  // `saelab generate`: 0.25 changes the text visibly and keeps it fluent; 1 and more give gibberish.
+  const strength = field("steer-strength", {type: "number", step: "any", value: "0.25"});
   const n = field("steer-tokens", {type: "number", min: 1, max: 128, value: "30"});
   const seed = field("steer-seed", {type: "number", min: 0, value: "0"});
   const chat = field("steer-chat", {type: "checkbox", checked: "checked"});
@@ -268,9 +270,10 @@ async function steerPage(name) {
         seed: parseInt(seed.value, 10), chat: chat.checked});
       out.replaceChildren(el("div", {class: "cols"},
         el("div", {class: "col"}, el("h3", {}, "unsteered"), el("div", {class: "box", id: "steer-plain"}, r.unsteered)),
-        el("div", {class: "col"}, el("h3", {}, `steered: feature ${feature.value}, ${mode.value} ${strength.value}`),
+        el("div", {class: "col"}, el("h3", {}, `steered: feature ${feature.value}, ${mode.value} ${strength.value} site norms`),
            el("div", {class: "box", id: "steer-steered"}, r.steered))),
-        el("p", {class: "muted"}, `both from seed ${r.seed}`));
+        el("p", {class: "muted"}, `both from seed ${r.seed}; N = ${fmt(r.site_norm)}, ` +
+           `so the feature's activation is ${mode.value === "add" ? "raised by" : "held at"} ${fmt(r.activation)}`));
     } catch (err) { showError(out, err); }
     go.disabled = false;
   }}, "generate");
@@ -278,6 +281,10 @@ async function steerPage(name) {
     el("p", {class: "form"}, el("label", {}, "feature ", feature), el("label", {}, "mode ", mode),
        el("label", {}, "strength ", strength), el("label", {}, "new tokens ", n),
        el("label", {}, "seed ", seed), el("label", {}, chat, " chat template")),
+    el("p", {class: "muted", id: "steer-unit"}, "Strength is in site norms: N is the site's mean activation norm " +
+       "on plain prose. add s adds a vector of norm s·N along the feature's decoder direction; clamp s holds the " +
+       "feature where its decoded part has norm s·N. On the embedded model 0.25 changes the text visibly and keeps it fluent; " +
+       "1 and more give gibberish."),
     el("p", {}, go), out);
 }
 
