@@ -16,9 +16,14 @@ from typing import Any
 
 from saelab.errors import BadValueError, SaelabError
 
-# A count past this is a typo, not a request (2^40 tokens of a 576-wide float32 site is
-# 2.5 PB): options checked with `integer(..., high=ABSURD)` refuse it before any work.
-ABSURD = 2**40
+# A count of tokens, contexts or steps past this is a typo, not a request: 10^11 tokens is
+# twice the largest published SAE training run, and 115 TB as a bf16 cache of a 576-wide
+# site. Options checked with `integer(..., high=ABSURD)` refuse it before any work.
+ABSURD = 10**11
+# Counts kept per feature (top examples, bins): d_sae x this rows must fit in memory.
+PER_FEATURE = 10**4
+# Seeds: any value numpy and torch both take.
+MAX_SEED = 2**63 - 1
 
 
 def integer(where: str, value: Any, *, low: int | None = None, high: int | None = None,

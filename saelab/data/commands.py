@@ -26,9 +26,8 @@ def harvest(
 ) -> None:
     """Record activations at sites into a sharded, checksummed cache."""
     from saelab.data.harvest import HarvestConfig
-    from saelab.models.load import load_model
-
     from saelab.models.limits import check_positions, config_max_positions
+    from saelab.models.load import load_model
 
     config = HarvestConfig(sites=sites, corpus=corpus, tokens=tokens, context=context,
                            batch_size=batch_size, store_dtype=store_dtype)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from saelab.checks import ABSURD, choice, integer
 from saelab.data.corpus import load_corpus
 from saelab.data.store import Manifest, ShardWriter
 from saelab.data.tokens import pack
-from saelab.checks import ABSURD, choice, integer
 from saelab.errors import SaelabError
 from saelab.models.hooks import capture
 from saelab.models.limits import check_positions, lm_max_positions

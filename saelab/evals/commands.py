@@ -37,6 +37,7 @@ def run_eval(sae: str | os.PathLike, *, model: str | None = None, out: str | os.
     SAE_DIR/eval. settings: EvalConfig fields (tokens, corpus, context, ...).
     """
     from saelab.evals.run import EvalConfig, evaluate
+    from saelab.models.limits import check_positions, config_max_positions
     from saelab.models.load import load_model
     from saelab.sae import load_sae
 
@@ -45,7 +46,9 @@ def run_eval(sae: str | os.PathLike, *, model: str | None = None, out: str | os.
     except ValueError as err:
         raise SaelabError(str(err)) from None
     sae_obj = load_sae(sae, dtype="float32").to(device)
-    lm = load_model(model or sae_obj.cfg.model_name or DEFAULT_MODEL, dtype="float32", device=device)
+    model = model or sae_obj.cfg.model_name or DEFAULT_MODEL
+    check_positions("--context", config.context, config_max_positions(model), model)
+    lm = load_model(model, dtype="float32", device=device)
     out = Path(out) if out is not None else sae_folder(sae) / "eval"
     result = evaluate(lm, sae_obj, config, out=out, on_progress=on_progress, sae_path=str(sae),
                       on_sensitivity=on_sensitivity)

@@ -28,6 +28,7 @@ def run_features(sae: str | os.PathLike, *, model: str | None = None,
     """Build feature indexes for the SAE(s) at `sae`; settings are IndexConfig / CollectConfig fields."""
     from saelab.features.build import IndexConfig, build_index, sae_entries
     from saelab.features.collect import CollectConfig
+    from saelab.models.limits import check_positions, config_max_positions
     from saelab.models.load import load_model
     from saelab.sae import load_sae
     from saelab.train.distributed import from_env
@@ -45,6 +46,8 @@ def run_features(sae: str | os.PathLike, *, model: str | None = None,
         raise SaelabError(f"the SAEs under {sae} were trained on different models "
                           f"({', '.join(sorted(models))}); pass --model, or one SAE at a time.")
     model_name = model or next(iter(models), None) or DEFAULT_MODEL
+    if cache is None:  # a cache's contexts were checked when it was harvested
+        check_positions("--context", config.context, config_max_positions(model_name), model_name)
     store = None
     if cache is not None:
         from saelab.data.store import ActivationStore

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from saelab.checks import ABSURD, boolean, choice, integer, number
+from saelab.checks import ABSURD, MAX_SEED, boolean, choice, integer, number
 from saelab.errors import BadValueError
 
 ARCHS = ("relu", "jumprelu", "topk", "batchtopk")
@@ -119,7 +119,7 @@ class TrainConfig:
         integer("resample_every", self.resample_every, low=0)
         number("jumprelu_bandwidth", self.jumprelu_bandwidth, low=0, low_open=True)
         number("jumprelu_init_threshold", self.jumprelu_init_threshold, low=0)
-        integer("seed", self.seed, low=0, high=2**63 - 1)
+        integer("seed", self.seed, low=0, high=MAX_SEED)
         # 0 means only at the end; a negative count would checkpoint every step.
         integer("checkpoint_every", self.checkpoint_every, low=0)
         boolean("deterministic", self.deterministic)
