@@ -22,6 +22,8 @@ from saelab.errors import BadValueError, SaelabError
 ABSURD = 10**11
 # Counts kept per feature (top examples, bins): d_sae x this rows must fit in memory.
 PER_FEATURE = 10**4
+# Samples of one prompt or study cell; each is a full generation, so more is a typo.
+MAX_SAMPLES = 10**4
 # Seeds: any value numpy and torch both take.
 MAX_SEED = 2**63 - 1
 

@@ -22,8 +22,11 @@ from saelab.attribution.attribute import attribute
 from saelab.attribution.metrics import as_metric
 from saelab.attribution.result import Attribution
 from saelab.attribution.verify import Verification, verify
+from saelab.checks import PER_FEATURE, choice, integer
 from saelab.console import JsonFlag, ModelOpt, console, emit_json, escape, user_errors
 from saelab.errors import SaelabError
+
+MAX_STEPS = 10**4
 
 
 @dataclass
@@ -74,8 +77,10 @@ def run_attribute(model: Any, sae_dirs: Any, prompt: str, metric_spec: str, *, t
     bottom `verify_top` pairs one by one and together, and report predicted vs measured.
     save: write the full sparse attribution to this safetensors file.
     """
-    if top < 1:
-        raise ValueError(f"top={top}: need at least one row")
+    integer("top", top, low=1, high=PER_FEATURE)
+    choice("method", method, ("grad", "ig"))
+    integer("ig_steps", ig_steps, low=1, high=MAX_STEPS)  # each is a forward and a backward
+    integer("verify_top", verify_top, low=0, high=PER_FEATURE)
     lm = model
     if isinstance(model, str | Path):
         from saelab.models.load import load_model

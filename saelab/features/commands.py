@@ -26,20 +26,13 @@ def run_features(sae: str | os.PathLike, *, model: str | None = None,
                  compare: str | os.PathLike | None = None, device: str = "cpu",
                  on_stage: Any = None, **settings: Any) -> dict[str, Path]:
     """Build feature indexes for the SAE(s) at `sae`; settings are IndexConfig / CollectConfig fields."""
-    from saelab.features.build import IndexConfig, build_index, sae_entries
-    from saelab.features.collect import CollectConfig
+    from saelab.features.build import build_index, sae_entries
     from saelab.models.limits import check_positions, config_max_positions
     from saelab.models.load import load_model
     from saelab.sae import load_sae
     from saelab.train.distributed import from_env
 
-    collect_keys = set(CollectConfig.__dataclass_fields__)
-    try:
-        collect_cfg = CollectConfig(**{k: v for k, v in settings.items() if k in collect_keys})
-        config = IndexConfig(collect=collect_cfg,
-                             **{k: v for k, v in settings.items() if k not in collect_keys})
-    except ValueError as err:
-        raise SaelabError(str(err)) from None
+    config = index_config(**settings)
     entries = sae_entries(sae)
     models = {e[0].cfg.model_name for e in entries.values()} - {None}
     if model is None and len(models) > 1:
@@ -60,6 +53,20 @@ def run_features(sae: str | os.PathLike, *, model: str | None = None,
     entries = {name: (s.to(device), path) for name, (s, path) in entries.items()}
     return build_index(lm, entries, out, config, cache=store, compare=other, dist=dist,
                        on_stage=on_stage)
+
+
+def index_config(**settings: Any) -> Any:
+    """The IndexConfig of `settings` (IndexConfig and CollectConfig fields), checked."""
+    from saelab.features.build import IndexConfig
+    from saelab.features.collect import CollectConfig
+
+    collect_keys = set(CollectConfig.__dataclass_fields__)
+    try:
+        collect_cfg = CollectConfig(**{k: v for k, v in settings.items() if k in collect_keys})
+        return IndexConfig(collect=collect_cfg,
+                           **{k: v for k, v in settings.items() if k not in collect_keys})
+    except ValueError as err:  # a library caller's plain ValueError, as one line
+        raise SaelabError(str(err)) from None
 
 
 def register(app: typer.Typer) -> None:
@@ -95,6 +102,10 @@ def register(app: typer.Typer) -> None:
         Under `torchrun --nproc-per-node N -m saelab features ...` each rank
         collects its share of the corpus and rank 0 merges the parts.
         """
+        settings = dict(tokens=tokens, corpus=corpus, context=context, batch_size=batch_size,
+                        top_k=top_k, n_bins=bins, per_bin=per_bin, left=left, right=right,
+                        ablate=ablate, cards=cards, seed=seed)
+        index_config(**settings)  # checked before the progress display starts
         with progress() as bar:
             tasks: dict[str, Any] = {}
 
@@ -105,10 +116,7 @@ def register(app: typer.Typer) -> None:
                 bar.update(tasks[name], completed=done, total=total, info=info)
 
             folders = run_features(sae, model=model, out=out, cache=cache, compare=compare,
-                                   device=device, on_stage=stage, tokens=tokens, corpus=corpus,
-                                   context=context, batch_size=batch_size, top_k=top_k,
-                                   n_bins=bins, per_bin=per_bin, left=left, right=right,
-                                   ablate=ablate, cards=cards, seed=seed)
+                                   device=device, on_stage=stage, **settings)
         if not folders:  # a torchrun rank other than 0
             return
         summary = {name: str(path) for name, path in folders.items()}
@@ -129,7 +137,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Browse features locally: SAE pages, feature pages, prompt search, steering."""
         from saelab.app.server import make_server
+        from saelab.checks import integer
 
+        integer("--port", port, low=0, high=65535)
         server = make_server(run_dir, host=host, port=port, device=device)
         host_shown, port_shown = server.server_address[:2]
         console.print(f"serving {len(server.app.saes)} SAE(s) from {run_dir} at "

@@ -18,11 +18,14 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from saelab.checks import ABSURD, MAX_SAMPLES, MAX_SEED, choice, integer, number
 from saelab.console import JsonFlag, ModelOpt, console, emit_json, escape, user_errors
-from saelab.errors import SaelabError
+from saelab.errors import BadValueError, SaelabError
 from saelab.interventions.edits import FeatureEdit, Positions
-from saelab.interventions.generate import Generation, generate
+from saelab.interventions.generate import Generation, check_sampling, generate
 
+# |strength| past this is a typo: residual streams have norms below 1e4.
+MAX_STRENGTH = 1e6
 CLI_MODES = {"add": "add", "clamp": "set", "set": "set", "zero": "zero", "scale": "scale"}
 
 
@@ -69,20 +72,25 @@ def run_generate(model: Any, prompt: str, *, chat: bool = False, sae: Any = None
     `strength` (the added amount, clamp value or factor) at `positions`. `site` overrides
     the SAE's recorded site.
     """
-    if mode not in CLI_MODES:
-        raise ValueError(f"mode={mode!r}; expected one of {', '.join(CLI_MODES)}")
-    if n < 1:
-        raise ValueError(f"n={n}: need at least one sample")
+    choice("mode", mode, tuple(CLI_MODES))
+    integer("n", n, low=1, high=MAX_SAMPLES)
+    integer("seed", seed, low=0, high=MAX_SEED - n)
+    number("strength", strength, low=-MAX_STRENGTH, high=MAX_STRENGTH)
+    check_sampling(max_new_tokens, temperature, top_p)
+    if feature is not None:
+        integer("feature", feature, low=0, high=ABSURD)
+    sae_obj = _sae(sae)  # before the model: a bad SAE or feature fails in milliseconds
+    if sae_obj is not None and feature is None:
+        raise BadValueError("an SAE was given but no feature to edit; pass feature=F (--feature F)")
+    if sae_obj is None and feature is not None:
+        raise BadValueError(f"feature={feature} needs an SAE to edit it in; pass sae=PATH (--sae DIR)")
+    if sae_obj is not None and feature >= sae_obj.cfg.d_sae:
+        raise BadValueError(f"feature={feature}: the SAE has features 0..{sae_obj.cfg.d_sae - 1}")
     lm = model
     if isinstance(model, str | Path):
         from saelab.models.load import load_model
 
         lm = load_model(str(model), dtype=dtype)
-    sae_obj = _sae(sae)
-    if sae_obj is not None and feature is None:
-        raise ValueError("an SAE was given but no feature to edit; pass feature=F (--feature F)")
-    if sae_obj is None and feature is not None:
-        raise ValueError(f"feature={feature} needs an SAE to edit it in; pass sae=PATH (--sae DIR)")
     prompts, seeds = [prompt] * n, [seed + i for i in range(n)]
     common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seeds=seeds,
                   chat=chat)

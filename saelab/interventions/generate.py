@@ -34,10 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saelab.checks import ABSURD, integer, number
 from saelab.data.tokens import chat_prompt, encode_prompts, position_ids
+from saelab.errors import BadValueError
 from saelab.interventions.edits import Edit, Frame, PatchEdit
 from saelab.interventions.splice import SAEs, splice, unwrap
 from saelab.models.kv_cache import cache_kwargs, returned_cache
+from saelab.models.limits import check_positions, lm_max_positions
 
 
 @dataclass
@@ -102,12 +105,17 @@ def generate(lm: Any, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
     top_features: how many features to keep per token. use_cache=False recomputes the
     whole sequence each step (slow; for checking).
     """
-    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or batch_size < 1:
-        raise ValueError(f"generate: need max_new_tokens >= 1 (got {max_new_tokens}), temperature "
-                         f">= 0 ({temperature}), 0 < top_p <= 1 ({top_p}), batch_size >= 1 ({batch_size})")
+    check_sampling(max_new_tokens, temperature, top_p)
+    integer("batch_size", batch_size, low=1)
     model, arch = unwrap(lm)
     tokenizer = tokenizer or getattr(lm, "tokenizer", None)
     texts, token_lists = _prepare(prompts, tokenizer, chat)
+    limit = lm_max_positions(model)
+    for i, ids in enumerate(token_lists):
+        if not ids:  # SmolLM2 adds no BOS: an empty prompt is zero tokens, nothing to condition on
+            raise BadValueError(f"prompt {i} is empty: it has no tokens to continue; give some text")
+        check_positions(f"prompt {i} ({len(ids):,} tokens) + max_new_tokens", len(ids) + max_new_tokens,
+                        limit, getattr(lm, "name", "the model"))
     seed_list = ([seeds + i for i in range(len(token_lists))] if isinstance(seeds, int) else list(seeds))
     if len(seed_list) != len(token_lists):
         raise ValueError(f"generate: {len(seed_list)} seeds for {len(token_lists)} prompts; give one "
@@ -126,6 +134,17 @@ def generate(lm: Any, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
         if tokenizer is not None:
             sample.text = tokenizer.decode(sample.tokens, skip_special_tokens=True)
     return Generation(samples)
+
+
+# A higher temperature samples near-uniform noise from the vocabulary: past this it is a typo.
+MAX_TEMPERATURE = 1e3
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """BadValueError unless 1 <= max_new_tokens, 0 <= temperature <= 1e3, 0 < top_p <= 1."""
+    integer("max_new_tokens", max_new_tokens, low=1, high=ABSURD)
+    number("temperature", temperature, low=0, high=MAX_TEMPERATURE)
+    number("top_p", top_p, low=0, low_open=True, high=1)
 
 
 def _prepare(prompts: Any, tokenizer: Any, chat: bool) -> tuple[list[str] | None, list[list[int]]]:
