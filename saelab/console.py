@@ -79,8 +79,7 @@ def user_errors(fn):
             with quiet_transformers():
                 return fn(*args, **kwargs)
         except SaelabError as err:
-            _error_line(str(err))
-            raise typer.Exit(err.exit_code) from None
+            exit_with(err)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: complete work was kept; rerun to resume.")
             raise typer.Exit(130) from None
@@ -92,6 +91,12 @@ def user_errors(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def exit_with(err) -> None:
+    """Print a SaelabError as one line and exit with its code."""
+    _error_line(str(err))
+    raise typer.Exit(err.exit_code) from None
 
 
 def _error_line(message: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from saelab.checks import integer
 from saelab.data.outliers import norm_outliers
 from saelab.errors import CorruptFileError, SaelabError, SiteError
 
@@ -90,11 +92,51 @@ class Manifest:
                               "Create one with `saelab harvest --out DIR`.")
         try:
             raw = json.loads(path.read_text())
-            return cls(identity=raw["identity"], tokens_target=raw["tokens_target"],
-                       shards=raw["shards"], version=raw["version"])
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CorruptFileError(f"{path} is not a valid activation manifest ({err}). "
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CorruptFileError(f"{path} is not valid JSON ({err}); it may be truncated. "
                                    "Delete the folder and harvest again.") from err
+        return cls(**_check_manifest(raw, path))
+
+
+def _check_manifest(raw, path: Path) -> dict:
+    """The Manifest fields of a parsed manifest.json, every one type-checked (exit 3 naming
+    the file and the field): valid JSON of the wrong shape must not reach the readers."""
+    def bad(field: str, want: str, value) -> CorruptFileError:
+        return CorruptFileError(f"{path}: {field} is {value!r:.60}, expected {want}. "
+                                "Delete the folder and harvest again.")
+
+    if not isinstance(raw, dict):
+        raise bad("the top level", "a JSON object", raw)
+    for key in ("identity", "tokens_target", "shards", "version"):
+        if key not in raw:
+            raise bad(key, "present", None)
+    identity, shards = raw["identity"], raw["shards"]
+    if not isinstance(identity, dict):
+        raise bad("identity", "an object", identity)
+    sites = identity.get("sites")
+    if not isinstance(sites, dict) or not sites:
+        raise bad("identity.sites", "an object of site: width", sites)
+    for site, width in sites.items():
+        integer(f"{path}: identity.sites.{site}", width, low=1, error=CorruptFileError)
+    if "context" in identity:
+        integer(f"{path}: identity.context", identity["context"], low=1, error=CorruptFileError)
+    integer(f"{path}: tokens_target", raw["tokens_target"], low=0, error=CorruptFileError)
+    integer(f"{path}: version", raw["version"], low=1, error=CorruptFileError)
+    if not isinstance(shards, list):
+        raise bad("shards", "a list", shards)
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            raise bad(f"shards[{i}]", "an object", shard)
+        name = shard.get("file")
+        # A plain shard name: a manifest must not point outside its folder.
+        if not isinstance(name, str) or not re.fullmatch(r"shard_\d+\.safetensors", name):
+            raise bad(f"shards[{i}].file", "a name like shard_00000.safetensors", name)
+        for key in ("n_contexts", "n_tokens"):
+            integer(f"{path}: shards[{i}].{key}", shard.get(key), low=0, error=CorruptFileError)
+        if not isinstance(shard.get("sha256"), str):
+            raise bad(f"shards[{i}].sha256", "a hex digest", shard.get("sha256"))
+    return {"identity": identity, "tokens_target": raw["tokens_target"], "shards": shards,
+            "version": raw["version"]}
 
 
 def identity_diff(old: dict, new: dict) -> list[str]:

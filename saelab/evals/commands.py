@@ -123,6 +123,9 @@ def register(app: typer.Typer) -> None:
         json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
     ) -> None:
         """Evaluate an SAE: L0, FVU, cosine, shrinkage, dead/dense, ΔCE, loss recovered, KL."""
+        from saelab.checks import ABSURD, integer
+
+        integer("--sensitivity-n", sensitivity_n, low=2, high=ABSURD)  # checked even when off
         status = console.status("loading the model and the SAE, finding held-out text")
         status.start()
         bar = None
