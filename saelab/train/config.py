@@ -39,7 +39,9 @@ class SAESpec:
     def __post_init__(self):
         choice("arch", self.arch, ARCHS)
         integer("width", self.width, low=1, high=MAX_WIDTH)
-        integer("k", self.k, low=1, high=self.width)
+        integer("k", self.k)
+        if not 0 < self.k <= self.width:
+            raise BadValueError(f"need 0 < k <= width, got k={self.k}, width={self.width}")
         # Inputs have unit mean squared norm: past MAX_COEF the first step kills every latent.
         number("l1", self.l1, low=0, high=MAX_COEF)
         number("l0_coef", self.l0_coef, low=0, high=MAX_COEF)
