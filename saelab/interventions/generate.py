@@ -27,6 +27,7 @@ positions.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -110,12 +111,7 @@ def generate(lm: Any, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
     model, arch = unwrap(lm)
     tokenizer = tokenizer or getattr(lm, "tokenizer", None)
     texts, token_lists = _prepare(prompts, tokenizer, chat)
-    limit = lm_max_positions(model)
-    for i, ids in enumerate(token_lists):
-        if not ids:  # SmolLM2 adds no BOS: an empty prompt is zero tokens, nothing to condition on
-            raise BadValueError(f"prompt {i} is empty: it has no tokens to continue; give some text")
-        check_positions(f"prompt {i} ({len(ids):,} tokens) + max_new_tokens", len(ids) + max_new_tokens,
-                        limit, getattr(lm, "name", "the model"))
+    _check_prompts(token_lists, max_new_tokens, lm_max_positions(model), getattr(lm, "name", None))
     seed_list = ([seeds + i for i in range(len(token_lists))] if isinstance(seeds, int) else list(seeds))
     if len(seed_list) != len(token_lists):
         raise ValueError(f"generate: {len(seed_list)} seeds for {len(token_lists)} prompts; give one "
@@ -145,6 +141,22 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
     integer("max_new_tokens", max_new_tokens, low=1, high=ABSURD)
     number("temperature", temperature, low=0, high=MAX_TEMPERATURE)
     number("top_p", top_p, low=0, low_open=True, high=1)
+
+
+def _check_prompts(token_lists: list[list[int]], max_new_tokens: int, limit: int | None,
+                   name: str | None) -> None:
+    """An empty prompt or one past the model's positions is refused; a generation that
+    would run past them is warned about (RoPE models run on, less reliably)."""
+    model = name or "the model"
+    for i, ids in enumerate(token_lists):
+        if not ids:  # SmolLM2 adds no BOS: an empty prompt is zero tokens, nothing to condition on
+            raise BadValueError(f"prompt {i} is empty: it has no tokens to continue; give some text")
+        check_positions(f"prompt {i}", len(ids), limit, model)
+    longest = max(len(ids) for ids in token_lists)
+    if limit is not None and longest + max_new_tokens > limit:
+        warnings.warn(f"a prompt of {longest:,} tokens + max_new_tokens={max_new_tokens} runs "
+                      f"past {model}'s {limit:,} positions; tokens past them are extrapolated",
+                      stacklevel=3)
 
 
 def _prepare(prompts: Any, tokenizer: Any, chat: bool) -> tuple[list[str] | None, list[list[int]]]:
