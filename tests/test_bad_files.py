@@ -169,7 +169,7 @@ def lm():
 def test_generate_empty_and_too_long_prompt(lm) -> None:
     with pytest.raises(BadValueError, match="empty"):
         generate(lm, "", tokenizer=_no_bos())
-    with pytest.raises(BadValueError, match="prompt 0=130 positions, but tiny-llama has 128"):
+    with pytest.raises(BadValueError, match="prompt 0 is 130 positions long, but tiny-llama has 128"):
         generate(lm, "a" * 129, max_new_tokens=20)  # 129 characters and <bos>
     with pytest.warns(UserWarning, match="runs past tiny-llama's 128 positions"):
         generate(lm, "a" * 120, max_new_tokens=20, temperature=0)

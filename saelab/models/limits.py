@@ -68,5 +68,5 @@ def lm_max_positions(lm: Any) -> int | None:
 def check_positions(where: str, n: int, limit: int | None, model: Any = "the model") -> None:
     """Refuse `n` positions past `limit` (BadValueError, exit 2); no limit known: no check."""
     if limit is not None and n > limit:
-        raise BadValueError(f"{where}={n:,} positions, but {model} has {limit:,} "
+        raise BadValueError(f"{where} is {n:,} positions long, but {model} has {limit:,} "
                             f"(max_position_embeddings); use at most {limit:,}.")
