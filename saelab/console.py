@@ -24,9 +24,17 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
+class _Progress(Progress):
+    def stop(self) -> None:
+        if self.tasks:
+            super().stop()
+        else:  # nothing was shown (an error came first): no blank line before the error
+            self.live.stop()
+
+
 def progress(*extra_columns) -> Progress:
     """A progress bar with count, ETA and any extra live fields (tokens/s, L0...)."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    return _Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                     TextColumn("{task.fields[info]}"), *extra_columns, console=console)
 

@@ -170,7 +170,9 @@ def test_generate_empty_and_too_long_prompt(lm) -> None:
     with pytest.raises(BadValueError, match="empty"):
         generate(lm, "", tokenizer=_no_bos())
     with pytest.raises(BadValueError, match="prompt 0 is 130 positions long, but tiny-llama has 128"):
-        generate(lm, "a" * 129, max_new_tokens=20)  # 129 characters and <bos>
+        generate(lm, "a" * 129, max_new_tokens=20, past_positions="error")  # and <bos>
+    with pytest.warns(UserWarning, match="runs past tiny-llama's 128 positions"):
+        generate(lm, "a" * 129, max_new_tokens=1, temperature=0)  # the library warns
     with pytest.warns(UserWarning, match="runs past tiny-llama's 128 positions"):
         generate(lm, "a" * 120, max_new_tokens=20, temperature=0)
     assert len(generate(lm, "a" * 100, max_new_tokens=20, temperature=0).samples[0].tokens) > 0

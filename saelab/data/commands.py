@@ -46,9 +46,12 @@ def harvest_with_progress(lm, config, out: Path, rank: int = 0, world_size: int 
     from saelab.data.harvest import harvest as run_harvest
 
     with progress() as bar:
-        task = bar.add_task("harvest", total=config.tokens, info="", visible=rank == 0)
+        task = None  # added at the first update: an error before it stays one line
 
         def update(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = bar.add_task("harvest", total=config.tokens, info="", visible=rank == 0)
             bar.update(task, completed=min(done, total), info=f"{done:,} tokens")
 
         return run_harvest(lm, config, out, on_progress=update, rank=rank,

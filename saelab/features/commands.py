@@ -105,18 +105,26 @@ def register(app: typer.Typer) -> None:
         settings = dict(tokens=tokens, corpus=corpus, context=context, batch_size=batch_size,
                         top_k=top_k, n_bins=bins, per_bin=per_bin, left=left, right=right,
                         ablate=ablate, cards=cards, seed=seed)
-        index_config(**settings)  # checked before the progress display starts
-        with progress() as bar:
-            tasks: dict[str, Any] = {}
+        index_config(**settings)  # checked before anything is loaded
+        bar = None  # started at the first stage, so an error before it is one line
+        tasks: dict[str, Any] = {}
 
-            def stage(name: str, done: int, total: int) -> None:
-                if name not in tasks:
-                    tasks[name] = bar.add_task(name, total=total, info="")
-                info = f"{done:,} tokens" if name == "collect" else ""
-                bar.update(tasks[name], completed=done, total=total, info=info)
+        def stage(name: str, done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = progress()
+                bar.start()
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total, info="")
+            info = f"{done:,} tokens" if name == "collect" else ""
+            bar.update(tasks[name], completed=done, total=total, info=info)
 
+        try:
             folders = run_features(sae, model=model, out=out, cache=cache, compare=compare,
                                    device=device, on_stage=stage, **settings)
+        finally:
+            if bar is not None:
+                bar.stop()
         if not folders:  # a torchrun rank other than 0
             return
         summary = {name: str(path) for name, path in folders.items()}

@@ -94,7 +94,7 @@ def run_generate(model: Any, prompt: str, *, chat: bool = False, sae: Any = None
     prompts, seeds = [prompt] * n, [seed + i for i in range(n)]
     common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seeds=seeds,
                   chat=chat)
-    unedited = generate(lm, prompts, **common)
+    unedited = generate(lm, prompts, past_positions="error", **common)
     edited = None
     settings: dict[str, Any] = {"model": getattr(lm, "name", str(model)), "chat": chat, **common}
     if sae_obj is not None:

@@ -101,10 +101,13 @@ def train(
     from saelab.console import progress
 
     with progress() as bar:
-        task = bar.add_task("train", total=cfg.steps * cfg.batch_size, info="",
-                            visible=dist.is_main)
+        task = None  # added at the first update: an error before it stays one line
 
         def update(done: int, total: int, stats: dict) -> None:
+            nonlocal task
+            if task is None:
+                task = bar.add_task("train", total=cfg.steps * cfg.batch_size, info="",
+                                    visible=dist.is_main)
             bar.update(task, completed=done, info=fmt_stats(stats))
 
         result = run_train(cfg, cache, out, resume=resume, on_progress=update, dist=dist,
