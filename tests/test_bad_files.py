@@ -149,6 +149,10 @@ def test_truncated_run_json(tmp_path: Path) -> None:
             read_run_record(out / "run.json")
         with pytest.raises(CorruptFileError, match="run.json"):
             train(cfg, cache, out, resume=True)
+    line = one_line(["train", "--out", str(out), "--cache", str(cache), "--sites", SITE,
+                     "--arch", "topk", "--width", "16", "--k", "4", "--tokens", "32",
+                     "--batch-size", "16", "--resume"], 3)
+    assert "run.json: config is 3" in line
 
 
 # ---------------------------------------------------------------- shapes and limits

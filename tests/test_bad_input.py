@@ -51,6 +51,7 @@ ALLOWED = {
 # The least each command needs besides the option under test (nothing here is read:
 # the bad value must be refused first).
 REQUIRED = {
+    "": [],  # root options go before a command: `saelab --threads 0 sites`
     "sites": [],
     "harvest": ["--sites", "resid_post.0", "--out", "{tmp}/h"],
     "train": ["--out", "{tmp}/t"],
@@ -68,6 +69,8 @@ REQUIRED = {
 def _leaf_commands(command, path=()):
     import typer._click as click  # typer >= 0.20 vendors click
 
+    if not path:
+        yield "", command  # the root's own options (--threads)
     if hasattr(command, "list_commands"):
         ctx = click.Context(command)
         for name in command.list_commands(ctx):
@@ -150,17 +153,18 @@ def assert_one_line_exit_2(result, args) -> None:
 def test_every_command_has_numeric_options_enumerated() -> None:
     commands = {cmd for cmd, _, _ in OPTIONS}
     # every command that takes a number, found from the app, not listed by hand
-    assert {"harvest", "train", "eval", "features", "serve", "attribute", "generate", "demo",
-            "study lists", "study synthetic"} <= commands
+    assert {"", "harvest", "train", "eval", "features", "serve", "attribute", "generate",
+            "demo", "study lists", "study synthetic"} <= commands
     assert commands <= set(REQUIRED), f"add the new command's required args: {commands - set(REQUIRED)}"
     assert len(CASES) >= 150
 
 
 @pytest.mark.parametrize(("cmd", "opt", "kind", "value_kind"), CASES,
-                         ids=[f"{c}-{o}-{v}" for c, o, _, v in CASES])
+                         ids=[f"{c or 'saelab'}-{o}-{v}" for c, o, _, v in CASES])
 def test_bad_numeric_option(cmd, opt, kind, value_kind, tmp_path) -> None:
     base = [a.format(tmp=tmp_path) for a in REQUIRED[cmd]]
-    args = [*cmd.split(), *base, opt, VALUES[value_kind]]
+    args = ([opt, VALUES[value_kind], "sites"] if cmd == "" else
+            [*cmd.split(), *base, opt, VALUES[value_kind]])
     result = invoke(args)
     if kind is int and value_kind == "nan":
         # click's parser refuses a non-integer itself: exit 2, a usage message, no traceback
@@ -198,7 +202,6 @@ def test_allowed_values_are_documented() -> None:
     ["generate", "--prompt", "x", "--mode", "boost"],
     ["serve", "{tmp}", "--port", "99999"],
     ["serve", "{tmp}", "--port", "-1"],
-    ["--threads", "0", "sites"],
     ["eval", "{tmp}/sae", "--skip-contexts", "-3"],
 ])
 def test_named_instance(args, tmp_path) -> None:
