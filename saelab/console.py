@@ -109,7 +109,10 @@ def exit_with(err) -> None:
 
 def _error_line(message: str) -> None:
     """One line: a message's own line breaks are joined, and rich must not wrap it."""
-    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    text = ""
+    for part in (p.strip() for p in message.splitlines()):
+        if part:  # "changed config:\n  a\n  b" -> "changed config: a; b"
+            text += ("" if not text else " " if text.endswith((":", ";", ".")) else "; ") + part
     console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
