@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from saelab.checks import ABSURD, MAX_SEED, boolean, choice, integer, number
 from saelab.errors import BadValueError
+from saelab.precision import DTYPES
 
 ARCHS = ("relu", "jumprelu", "topk", "batchtopk")
 # 2^24 latents x a 4096-wide site is 2^36 float32 weights (256 GiB) per matrix: past any
@@ -122,6 +123,8 @@ class TrainConfig:
         number("jumprelu_bandwidth", self.jumprelu_bandwidth, low=0, low_open=True)
         number("jumprelu_init_threshold", self.jumprelu_init_threshold, low=0)
         integer("seed", self.seed, low=0, high=MAX_SEED)
+        if isinstance(self.dtype, str):  # a torch.dtype is taken as given
+            choice("dtype", self.dtype, ("auto", *DTYPES))
         # 0 means only at the end; a negative count would checkpoint every step.
         integer("checkpoint_every", self.checkpoint_every, low=0)
         boolean("deterministic", self.deterministic)
