@@ -106,8 +106,22 @@ class Reached(Exception):
     """A model, SAE, cache or server was touched: the bad value was not refused first."""
 
 
+def _import_all_of_saelab() -> None:
+    """Import every module now, so none is first imported (binding a sentinel with
+    `from ... import load_model`) while `nothing_loads` has patched it."""
+    import importlib
+    import pkgutil
+
+    import saelab
+
+    for info in pkgutil.walk_packages(saelab.__path__, "saelab."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+
+
 @pytest.fixture(autouse=True)
 def nothing_loads(monkeypatch):
+    _import_all_of_saelab()
     def reached(*args, **kwargs):
         raise Reached(f"loaded something with {args[:1]}")
 
