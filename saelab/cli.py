@@ -22,11 +22,16 @@ def _threads(threads: Annotated[int | None, typer.Option(
     """Runs before every command: torch gets the idle cores (see saelab/threads.py)."""
     import os
 
+    from saelab.console import exit_with
+    from saelab.errors import SaelabError
     from saelab.threads import ENV, set_threads
 
     if threads is not None:
         os.environ[ENV] = str(threads)
-    set_threads()
+    try:
+        set_threads()
+    except SaelabError as err:
+        exit_with(err)
 
 
 # The stages, in the order `saelab --help` lists them; each module has `register(app)`.

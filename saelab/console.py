@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 from typing import Annotated
 
@@ -23,9 +24,17 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
+class _Progress(Progress):
+    def stop(self) -> None:
+        if self.tasks:
+            super().stop()
+        else:  # nothing was shown (an error came first): no blank line before the error
+            self.live.stop()
+
+
 def progress(*extra_columns) -> Progress:
     """A progress bar with count, ETA and any extra live fields (tokens/s, L0...)."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    return _Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                     TextColumn("{task.fields[info]}"), *extra_columns, console=console)
 
@@ -53,9 +62,24 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Embedded name, HF id, folder or .gguf.")]
 
 
+DEBUG_ENV = "SAELAB_DEBUG"  # SAELAB_DEBUG=1: unexpected errors keep their traceback
+
+# Errors that, escaping a command, are an input no check caught (or a bug): the last line
+# of defence prints one line instead of a traceback. Anything else keeps its traceback.
+_UNEXPECTED = (ValueError, ZeroDivisionError, RuntimeError, OverflowError, KeyError)
+
+
 def user_errors(fn):
-    """Print a SaelabError as a one-line message with its exit code, no traceback."""
+    """Print a SaelabError as a one-line message with its exit code, no traceback.
+
+    Inputs are checked where they enter (saelab/checks.py), so a ValueError, KeyError,
+    RuntimeError, ZeroDivisionError or OverflowError reaching here was not foreseen: it
+    is printed as one line naming the command and the error, with exit code 1, and
+    SAELAB_DEBUG=1 shows its traceback.
+    """
     from saelab.errors import SaelabError
+
+    command = _command_name(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -63,13 +87,38 @@ def user_errors(fn):
             with quiet_transformers():
                 return fn(*args, **kwargs)
         except SaelabError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False)
-            raise typer.Exit(err.exit_code) from None
+            exit_with(err)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: complete work was kept; rerun to resume.")
             raise typer.Exit(130) from None
+        except _UNEXPECTED as err:
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            _error_line(f"{command} failed: {type(err).__name__}: {err} "
+                        f"(unexpected; rerun with {DEBUG_ENV}=1 for the traceback)")
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def exit_with(err) -> None:
+    """Print a SaelabError as one line and exit with its code."""
+    _error_line(str(err))
+    raise typer.Exit(err.exit_code) from None
+
+
+def _error_line(message: str) -> None:
+    """One line: a message's own line breaks are joined, and rich must not wrap it."""
+    text = ""
+    for part in (p.strip() for p in message.splitlines()):
+        if part:  # "changed config:\n  a\n  b" -> "changed config: a; b"
+            text += ("" if not text else " " if text.endswith((":", ";", ".")) else "; ") + part
+    console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def _command_name(fn) -> str:
+    name = fn.__name__.removesuffix("_cmd")
+    return f"saelab {'study ' if '.studies.' in fn.__module__ and name != 'demo' else ''}{name}"
 
 
 def escape(text: str) -> str:

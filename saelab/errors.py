@@ -39,3 +39,10 @@ class UnsafeFileError(SaelabError):
 
 class OfflineError(SaelabError):
     pass
+
+
+class BadValueError(SaelabError, ValueError):
+    """A value out of its type or range (a count <= 0, a NaN rate, an unknown choice).
+
+    Also a ValueError, so library callers that catch ValueError keep working.
+    """

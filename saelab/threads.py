@@ -19,6 +19,7 @@ import time
 
 ENV = "SAELAB_THREADS"
 SAMPLE_SECONDS = 0.2
+MAX_THREADS = 4096  # more is a typo (torch would try to start them)
 
 
 def _cpu_times() -> tuple[int, int] | None:
@@ -57,8 +58,11 @@ def set_threads() -> int:
 
     wanted = os.environ.get(ENV, "").strip()
     if wanted:
-        if not wanted.isdigit() or int(wanted) < 1:
-            raise ValueError(f"{ENV}={wanted!r}: expected a positive integer")
+        if not wanted.isdigit() or not 1 <= int(wanted) <= MAX_THREADS:
+            from saelab.errors import BadValueError
+
+            raise BadValueError(f"{ENV}={wanted!r} (or --threads): expected an integer in "
+                                f"1..{MAX_THREADS}")
         n = int(wanted)
     else:
         n = idle_cores()

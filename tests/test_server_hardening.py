@@ -203,7 +203,7 @@ def test_well_typed_requests_still_work(port):
     status, body = request(port, "POST", "/api/saes/tiny/steer", {
         "prompt": "hi", "feature": f, "mode": "clamp", "strength": 3, "max_new_tokens": 2,
         "seed": 1, "temperature": 0.0, "chat": False})
-    assert status == 200 and set(body) == {"unsteered", "steered", "stop", "seed"}
+    assert status == 200 and set(body) == {"unsteered", "steered", "stop", "seed", "site_norm", "activation"}
 
 
 @pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded",

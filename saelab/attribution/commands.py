@@ -22,6 +22,7 @@ from saelab.attribution.attribute import attribute
 from saelab.attribution.metrics import as_metric
 from saelab.attribution.result import Attribution
 from saelab.attribution.verify import Verification, verify
+from saelab.checks import PER_FEATURE, choice, integer
 from saelab.console import JsonFlag, ModelOpt, console, emit_json, escape, user_errors
 from saelab.data.tokens import special_ids
 from saelab.errors import SaelabError
@@ -31,6 +32,8 @@ SHARES_CAPTION = (
     "first-order change of the metric if every feature there were zeroed; through error: the "
     "same for the SAE's error term (what it fails to reconstruct). A large error share means "
     "this SAE's features leave much of the mechanism out.")
+
+MAX_STEPS = 10**4
 
 
 @dataclass
@@ -91,8 +94,10 @@ def run_attribute(model: Any, sae_dirs: Any, prompt: str, metric_spec: str, *, t
     the verified ones) leave out position 0 and special-token positions, whose attention-sink
     features otherwise fill a chat prompt's list; include_special=True keeps them.
     """
-    if top < 1:
-        raise ValueError(f"top={top}: need at least one row")
+    integer("top", top, low=1, high=PER_FEATURE)
+    choice("method", method, ("grad", "ig"))
+    integer("ig_steps", ig_steps, low=1, high=MAX_STEPS)  # each is a forward and a backward
+    integer("verify_top", verify_top, low=0, high=PER_FEATURE)
     lm = model
     if isinstance(model, str | Path):
         from saelab.models.load import load_model

@@ -25,11 +25,16 @@ def harvest(
     json: JsonFlag = False,
 ) -> None:
     """Record activations at sites into a sharded, checksummed cache."""
+    from saelab.checks import choice
     from saelab.data.harvest import HarvestConfig
+    from saelab.models.limits import check_positions, config_max_positions
     from saelab.models.load import load_model
+    from saelab.precision import DTYPES
 
     config = HarvestConfig(sites=sites, corpus=corpus, tokens=tokens, context=context,
                            batch_size=batch_size, store_dtype=store_dtype)
+    check_positions("--context", context, config_max_positions(model), model)
+    choice("--dtype", dtype, ("auto", *DTYPES))
     manifest = harvest_with_progress(load_model(model, dtype=dtype, device=device), config, out)
     summary = {"out": str(out), "tokens": manifest.n_tokens, "shards": len(manifest.shards),
                "sites": manifest.sites}
@@ -44,9 +49,12 @@ def harvest_with_progress(lm, config, out: Path, rank: int = 0, world_size: int 
     from saelab.data.harvest import harvest as run_harvest
 
     with progress() as bar:
-        task = bar.add_task("harvest", total=config.tokens, info="", visible=rank == 0)
+        task = None  # added at the first update: an error before it stays one line
 
         def update(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = bar.add_task("harvest", total=config.tokens, info="", visible=rank == 0)
             bar.update(task, completed=min(done, total), info=f"{done:,} tokens")
 
         return run_harvest(lm, config, out, on_progress=update, rank=rank,

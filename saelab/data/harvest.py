@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from saelab.atomic import disk_full
+from saelab.checks import ABSURD, choice, integer
 from saelab.data.corpus import load_corpus
 from saelab.data.store import Manifest, ShardWriter
 from saelab.data.tokens import pack
 from saelab.errors import SaelabError
 from saelab.models.hooks import capture
+from saelab.models.limits import check_positions, lm_max_positions
 from saelab.models.load import LM
 from saelab.models.sites import resolve_sites, site_width
 from saelab.precision import DTYPES, dtype_name
@@ -44,12 +46,11 @@ class HarvestConfig:
     """Dtype activations are stored in (float32, bfloat16 or float16)."""
 
     def __post_init__(self):
-        if self.tokens <= 0 or self.context < 2 or self.batch_size <= 0:
-            raise ValueError("tokens and batch_size must be positive and context at least 2, got "
-                             f"tokens={self.tokens}, context={self.context}, "
-                             f"batch_size={self.batch_size}")
-        if self.store_dtype not in DTYPES:
-            raise ValueError(f"store_dtype={self.store_dtype!r}; allowed: {', '.join(DTYPES)}")
+        integer("tokens", self.tokens, low=1, high=ABSURD)
+        integer("context", self.context, low=2, high=ABSURD)
+        integer("batch_size", self.batch_size, low=1, high=ABSURD)
+        integer("shard_tokens", self.shard_tokens, low=1, high=ABSURD)
+        choice("store_dtype", self.store_dtype, tuple(DTYPES))
 
 
 def harvest(lm: LM, config: HarvestConfig, out: str | Path,
@@ -61,6 +62,7 @@ def harvest(lm: LM, config: HarvestConfig, out: str | Path,
     With `world_size` > 1 this cache holds contexts rank, rank + world_size, ...
     of the corpus (one rank's slice, for data-parallel training).
     """
+    check_positions("context", config.context, lm_max_positions(lm), lm.name)
     sites = resolve_sites(lm.arch, config.sites)
     corpus = load_corpus(config.corpus)
     store_dtype = DTYPES[config.store_dtype]

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saelab.atomic import atomic_write_text, fault_point
+from saelab.checks import integer
 from saelab.data.outliers import norm_outliers
 from saelab.errors import CorruptFileError, SaelabError, SiteError
 
@@ -93,42 +94,50 @@ class Manifest:
         try:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CorruptFileError(f"{path} is not a valid activation manifest ({err}). "
+            raise CorruptFileError(f"{path} is not valid JSON ({err}); it may be truncated. "
                                    "Delete the folder and harvest again.") from err
-        problem = _manifest_problem(raw)
-        if problem:
-            raise CorruptFileError(f"{path} is not a valid activation manifest: {problem}. "
-                                   "Delete the folder and harvest again.")
-        return cls(identity=raw["identity"], tokens_target=raw["tokens_target"],
-                   shards=raw["shards"], version=raw["version"])
+        return cls(**_check_manifest(raw, path))
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _check_manifest(raw, path: Path) -> dict:
+    """The Manifest fields of a parsed manifest.json, every one type-checked (exit 3 naming
+    the file and the field): valid JSON of the wrong shape must not reach the readers."""
+    def bad(field: str, want: str, value) -> CorruptFileError:
+        return CorruptFileError(f"{path}: {field} is {value!r:.60}, expected {want}. "
+                                "Delete the folder and harvest again.")
 
-
-def _manifest_problem(raw) -> str | None:
-    """What is wrong with a parsed manifest's shape, or None (values are typed, not truthy)."""
     if not isinstance(raw, dict):
-        return f"it holds a JSON {type(raw).__name__}, not an object"
-    for key, ok in (("version", _is_int), ("tokens_target", _is_int),
-                    ("identity", lambda v: isinstance(v, dict)), ("shards", lambda v: isinstance(v, list))):
-        if key not in raw or not ok(raw[key]):
-            return f"field {key!r} is missing or of the wrong type ({raw.get(key)!r})"
-    sites = raw["identity"].get("sites")
-    if not isinstance(sites, dict) or not all(_is_int(w) for w in sites.values()):
-        return f"field 'identity.sites' is not a {{site: width}} object ({sites!r})"
-    for i, shard in enumerate(raw["shards"]):
+        raise bad("the top level", "a JSON object", raw)
+    for key in ("identity", "tokens_target", "shards", "version"):
+        if key not in raw:
+            raise bad(key, "present", None)
+    identity, shards = raw["identity"], raw["shards"]
+    if not isinstance(identity, dict):
+        raise bad("identity", "an object", identity)
+    sites = identity.get("sites")
+    if not isinstance(sites, dict) or not sites:
+        raise bad("identity.sites", "an object of site: width", sites)
+    for site, width in sites.items():
+        integer(f"{path}: identity.sites.{site}", width, low=1, error=CorruptFileError)
+    if "context" in identity:
+        integer(f"{path}: identity.context", identity["context"], low=1, error=CorruptFileError)
+    integer(f"{path}: tokens_target", raw["tokens_target"], low=0, error=CorruptFileError)
+    integer(f"{path}: version", raw["version"], low=1, error=CorruptFileError)
+    if not isinstance(shards, list):
+        raise bad("shards", "a list", shards)
+    for i, shard in enumerate(shards):
         if not isinstance(shard, dict):
-            return f"shards[{i}] is not an object ({shard!r})"
-        if not isinstance(shard.get("file"), str) or not SHARD.fullmatch(shard["file"]):
-            return f"shards[{i}].file is not a shard name ({shard.get('file')!r})"
+            raise bad(f"shards[{i}]", "an object", shard)
+        name = shard.get("file")
+        # A plain shard name: a manifest must not point outside its folder.
+        if not isinstance(name, str) or not re.fullmatch(r"shard_\d+\.safetensors", name):
+            raise bad(f"shards[{i}].file", "a name like shard_00000.safetensors", name)
         for key in ("n_contexts", "n_tokens"):
-            if not _is_int(shard.get(key)):
-                return f"shards[{i}].{key} is not a count ({shard.get(key)!r})"
+            integer(f"{path}: shards[{i}].{key}", shard.get(key), low=0, error=CorruptFileError)
         if not isinstance(shard.get("sha256"), str):
-            return f"shards[{i}].sha256 is missing ({shard.get('sha256')!r})"
-    return None
+            raise bad(f"shards[{i}].sha256", "a hex digest", shard.get("sha256"))
+    return {"identity": identity, "tokens_target": raw["tokens_target"], "shards": shards,
+            "version": raw["version"]}
 
 
 def identity_diff(old: dict, new: dict) -> list[str]:

@@ -40,6 +40,7 @@ def run_eval(sae: str | os.PathLike, *, model: str | None = None, out: str | os.
     result["notes"], also given to `on_note` before the (long) evaluation starts.
     """
     from saelab.evals.run import EvalConfig, evaluate
+    from saelab.models.limits import check_positions, config_max_positions
     from saelab.models.load import load_model
     from saelab.sae import load_sae
 
@@ -48,11 +49,13 @@ def run_eval(sae: str | os.PathLike, *, model: str | None = None, out: str | os.
     except ValueError as err:
         raise SaelabError(str(err)) from None
     sae_obj = load_sae(sae, dtype="float32").to(device)
+    model = model or sae_obj.cfg.model_name or DEFAULT_MODEL
+    check_positions("--context", config.context, config_max_positions(model), model)
     notes = mismatch_notes(sae_obj.cfg, config.site, model)
     for note in notes:
         if on_note is not None:
             on_note(note)
-    lm = load_model(model or sae_obj.cfg.model_name or DEFAULT_MODEL, dtype="float32", device=device)
+    lm = load_model(model, dtype="float32", device=device)
     out = Path(out) if out is not None else sae_folder(sae) / "eval"
     result = evaluate(lm, sae_obj, config, out=out, on_progress=on_progress, sae_path=str(sae),
                       on_sensitivity=on_sensitivity, notes=notes)
@@ -143,6 +146,9 @@ def register(app: typer.Typer) -> None:
         json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
     ) -> None:
         """Evaluate an SAE: L0, FVU, cosine, shrinkage, dead/dense, ΔCE, loss recovered, KL."""
+        from saelab.checks import ABSURD, integer
+
+        integer("--sensitivity-n", sensitivity_n, low=2, high=ABSURD)  # checked even when off
         status = console.status("loading the model and the SAE, finding held-out text")
         status.start()
         bar = None

@@ -28,15 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from saelab.checks import ABSURD, MAX_SEED, boolean, integer, number
 from saelab.data.corpus import Corpus, load_corpus
 from saelab.data.outliers import norm_outliers
 from saelab.data.store import atomic_write_text
 from saelab.data.tokens import context_bos_id, pack
-from saelab.errors import SaelabError
+from saelab.errors import BadValueError, SaelabError
 from saelab.evals import downstream as ds
 from saelab.evals import reconstruction as rc
 from saelab.evals.bootstrap import ContextStats, bootstrap_ci
 from saelab.interventions.splice import bind_saes
+from saelab.models.limits import check_positions, lm_max_positions
 
 SCHEMA = "saelab.eval/1"  # bump when a definition changes, so old and new numbers never mix
 HARVEST_BATCH = 16  # contexts per batch of `saelab train`'s own harvest (HarvestConfig default)
@@ -80,19 +82,25 @@ class EvalConfig:
     0 = not measured."""
 
     def __post_init__(self) -> None:
-        for name, low in (("tokens", 1), ("context", 2), ("batch_size", 1), ("bootstrap", 0),
-                          ("sensitivity", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"EvalConfig.{name}={value!r}: expected an integer >= {low}")
+        integer("tokens", self.tokens, low=1, high=ABSURD)
+        integer("context", self.context, low=2, high=ABSURD)
+        integer("batch_size", self.batch_size, low=1, high=ABSURD)
+        # Past a million replicates the 95% interval's third digit no longer moves.
+        integer("bootstrap", self.bootstrap, low=0, high=10**6)
+        integer("seed", self.seed, low=0, high=MAX_SEED)
+        integer("sensitivity", self.sensitivity, low=0, high=ABSURD)
+        number("outlier_factor", self.outlier_factor, low=0)
+        boolean("mean_ablation", self.mean_ablation)
+        boolean("downstream", self.downstream)
+        boolean("keep_error", self.keep_error)
         if self.sensitivity == 1:
-            raise ValueError("EvalConfig.sensitivity=1: the sensitivity compares blow-up "
-                             "distributions; expected 0 (off) or at least 2 bases")
-        if self.skip_contexts is not None and self.skip_contexts < 0:
-            raise ValueError(f"EvalConfig.skip_contexts={self.skip_contexts}: expected >= 0 or None")
+            raise BadValueError("EvalConfig.sensitivity=1: the sensitivity compares blow-up "
+                                "distributions; expected 0 (off) or at least 2 bases")
+        if self.skip_contexts is not None:
+            integer("skip_contexts", self.skip_contexts, low=0, high=ABSURD)
         if self.keep_error and not self.downstream:
-            raise ValueError("EvalConfig.keep_error=True checks the spliced forward; it needs "
-                             "downstream=True")
+            raise BadValueError("EvalConfig.keep_error=True checks the spliced forward; it "
+                                "needs downstream=True")
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -125,6 +133,7 @@ def evaluate(lm, sae, config: EvalConfig | None = None, *, out: str | os.PathLik
         from saelab.sae import load_sae
 
         sae_path, sae = str(sae), load_sae(sae, dtype="float32").to(lm.device)
+    check_positions("context", cfg.context, lm_max_positions(lm), getattr(lm, "name", "the model"))
     site = next(iter(bind_saes(lm.arch, {cfg.site: sae} if cfg.site else sae)))
     corpus = cfg.corpus if isinstance(cfg.corpus, Corpus) else load_corpus(cfg.corpus)
     notes = [*notes, *_precision_notes(lm, sae)]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from saelab.atomic import atomic_write_text, disk_full, fault_point
+from saelab.checks import ABSURD, PER_FEATURE, boolean, integer, number
 from saelab.errors import SaelabError
 from saelab.features import index as ix
 from saelab.features.collect import (
@@ -37,6 +38,7 @@ from saelab.features.logit_lens import logit_lens
 from saelab.features.neighbours import neighbours
 from saelab.features.summary import KIND_TOP, FeatureTable, summarize
 from saelab.features.token_ablation import AblationItem, ablate_many
+from saelab.models.limits import check_positions, lm_max_positions
 
 Stage = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -71,11 +73,13 @@ class IndexConfig:
     """Logit lens: unembedding rows with |norm z-score| above this are left out."""
 
     def __post_init__(self) -> None:
-        for name, low in (("tokens", 1), ("context", 2), ("batch_size", 1), ("lens_k", 1),
-                          ("neighbours_k", 1), ("ablate", 0), ("max_back", 1), ("cards", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"IndexConfig.{name}={value!r}: expected an integer >= {low}")
+        for name, low, high in (("tokens", 1, ABSURD), ("context", 2, ABSURD),
+                                ("batch_size", 1, ABSURD), ("lens_k", 1, PER_FEATURE),
+                                ("neighbours_k", 1, PER_FEATURE), ("ablate", 0, ABSURD),
+                                ("max_back", 1, ABSURD), ("cards", 0, ABSURD)):
+            integer(name, getattr(self, name), low=low, high=high)
+        boolean("dashboard", self.dashboard)
+        number("z_max", self.z_max, low=0, low_open=True)
 
 
 def build_index(lm: Any, saes: Mapping[str, tuple[Any, str | os.PathLike | None]],
@@ -102,6 +106,8 @@ def build_index(lm: Any, saes: Mapping[str, tuple[Any, str | os.PathLike | None]
         coll = collect_cache(cache, models, config=config.collect, tokens=config.tokens,
                              rank=rank, world_size=world, on_progress=tokens_done)
     else:
+        check_positions("context", config.context, lm_max_positions(lm),
+                        getattr(lm, "name", "the model"))
         coll = collect(lm, models, corpus=config.corpus, tokens=config.tokens,
                        context=config.context, batch_size=config.batch_size,
                        config=config.collect, rank=rank, world_size=world,

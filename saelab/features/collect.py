@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saelab.checks import ABSURD, MAX_SEED, PER_FEATURE, integer
 from saelab.data.tokens import context_index, pack
-from saelab.errors import SaelabError
+from saelab.errors import SaelabError, ShapeMismatchError
 from saelab.features.state import Contexts, FeatureState
 from saelab.sae.topk import TopKSAE
 
@@ -55,11 +56,11 @@ class CollectConfig:
     """Seed of the bin sampling."""
 
     def __post_init__(self) -> None:
-        for name, low in (("top_k", 1), ("n_bins", 1), ("per_bin", 0), ("hist_bins", 1),
-                          ("left", 0), ("right", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"CollectConfig.{name}={value!r}: expected an integer >= {low}")
+        # Per-feature counts: d_sae x 10^4 rows is already 10^8 at a 9216-wide SAE.
+        for name, low, high in (("top_k", 1, PER_FEATURE), ("n_bins", 1, PER_FEATURE),
+                                ("per_bin", 0, PER_FEATURE), ("hist_bins", 1, PER_FEATURE),
+                                ("left", 0, ABSURD), ("right", 0, ABSURD), ("seed", 0, MAX_SEED)):
+            integer(name, getattr(self, name), low=low, high=high)
 
     @property
     def window(self) -> int:
@@ -193,6 +194,12 @@ def collect_cache(store: Any, saes: Mapping[str, Any], *, config: CollectConfig 
     if missing:
         raise SaelabError(f"the cache {store.folder} holds sites {list(store.sites)}, "
                           f"not {', '.join(missing)} that the SAEs read")
+    for name, site in collector.sites.items():  # same site name, another model's width
+        if store.sites[site] != collector.saes[name].cfg.d_in:
+            raise ShapeMismatchError(
+                f"SAE {name!r} reads d_in={collector.saes[name].cfg.d_in} but the cache "
+                f"{store.folder} holds {site} at width {store.sites[site]}: it was harvested from another "
+                "model. Use a cache of the SAE's model, or no --cache.")
     start, done, first = time.perf_counter(), 0, 0
     target = tokens or store.manifest.n_tokens
     for i, entry in enumerate(store.manifest.shards):

@@ -26,25 +26,21 @@ def run_features(sae: str | os.PathLike, *, model: str | None = None,
                  compare: str | os.PathLike | None = None, device: str = "cpu",
                  on_stage: Any = None, **settings: Any) -> dict[str, Path]:
     """Build feature indexes for the SAE(s) at `sae`; settings are IndexConfig / CollectConfig fields."""
-    from saelab.features.build import IndexConfig, build_index, sae_entries
-    from saelab.features.collect import CollectConfig
+    from saelab.features.build import build_index, sae_entries
+    from saelab.models.limits import check_positions, config_max_positions
     from saelab.models.load import load_model
     from saelab.sae import load_sae
     from saelab.train.distributed import from_env
 
-    collect_keys = set(CollectConfig.__dataclass_fields__)
-    try:
-        collect_cfg = CollectConfig(**{k: v for k, v in settings.items() if k in collect_keys})
-        config = IndexConfig(collect=collect_cfg,
-                             **{k: v for k, v in settings.items() if k not in collect_keys})
-    except ValueError as err:
-        raise SaelabError(str(err)) from None
+    config = index_config(**settings)
     entries = sae_entries(sae)
     models = {e[0].cfg.model_name for e in entries.values()} - {None}
     if model is None and len(models) > 1:
         raise SaelabError(f"the SAEs under {sae} were trained on different models "
                           f"({', '.join(sorted(models))}); pass --model, or one SAE at a time.")
     model_name = model or next(iter(models), None) or DEFAULT_MODEL
+    if cache is None:  # a cache's contexts were checked when it was harvested
+        check_positions("--context", config.context, config_max_positions(model_name), model_name)
     store = None
     if cache is not None:
         from saelab.data.store import ActivationStore
@@ -90,6 +86,20 @@ def check_cache(folder: Path, identity: dict, entries: dict[str, tuple[Any, Path
                               "another model. Harvest a cache of the SAE's model.")
 
 
+def index_config(**settings: Any) -> Any:
+    """The IndexConfig of `settings` (IndexConfig and CollectConfig fields), checked."""
+    from saelab.features.build import IndexConfig
+    from saelab.features.collect import CollectConfig
+
+    collect_keys = set(CollectConfig.__dataclass_fields__)
+    try:
+        collect_cfg = CollectConfig(**{k: v for k, v in settings.items() if k in collect_keys})
+        return IndexConfig(collect=collect_cfg,
+                           **{k: v for k, v in settings.items() if k not in collect_keys})
+    except ValueError as err:  # a library caller's plain ValueError, as one line
+        raise SaelabError(str(err)) from None
+
+
 def register(app: typer.Typer) -> None:
     """Add the `features` and `serve` commands to the saelab typer app."""
     from saelab.console import console, emit_json, progress, user_errors
@@ -123,20 +133,29 @@ def register(app: typer.Typer) -> None:
         Under `torchrun --nproc-per-node N -m saelab features ...` each rank
         collects its share of the corpus and rank 0 merges the parts.
         """
-        with progress() as bar:
-            tasks: dict[str, Any] = {}
+        settings = dict(tokens=tokens, corpus=corpus, context=context, batch_size=batch_size,
+                        top_k=top_k, n_bins=bins, per_bin=per_bin, left=left, right=right,
+                        ablate=ablate, cards=cards, seed=seed)
+        index_config(**settings)  # checked before anything is loaded
+        bar = None  # started at the first stage, so an error before it is one line
+        tasks: dict[str, Any] = {}
 
-            def stage(name: str, done: int, total: int) -> None:
-                if name not in tasks:
-                    tasks[name] = bar.add_task(name, total=total, info="")
-                info = f"{done:,} tokens" if name == "collect" else ""
-                bar.update(tasks[name], completed=done, total=total, info=info)
+        def stage(name: str, done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = progress()
+                bar.start()
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total, info="")
+            info = f"{done:,} tokens" if name == "collect" else ""
+            bar.update(tasks[name], completed=done, total=total, info=info)
 
+        try:
             folders = run_features(sae, model=model, out=out, cache=cache, compare=compare,
-                                   device=device, on_stage=stage, tokens=tokens, corpus=corpus,
-                                   context=context, batch_size=batch_size, top_k=top_k,
-                                   n_bins=bins, per_bin=per_bin, left=left, right=right,
-                                   ablate=ablate, cards=cards, seed=seed)
+                                   device=device, on_stage=stage, **settings)
+        finally:
+            if bar is not None:
+                bar.stop()
         if not folders:  # a torchrun rank other than 0
             return
         summary = {name: str(path) for name, path in folders.items()}
@@ -157,7 +176,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Browse features locally: SAE pages, feature pages, prompt search, steering."""
         from saelab.app.server import make_server
+        from saelab.checks import integer
 
+        integer("--port", port, low=0, high=65535)
         server = make_server(run_dir, host=host, port=port, device=device)
         host_shown, port_shown = server.server_address[:2]
         console.print(f"serving {len(server.app.saes)} SAE(s) from {run_dir} at "

@@ -13,7 +13,6 @@ quarter of the site's typical activation norm along the feature's direction.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,12 +20,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from saelab.checks import ABSURD, MAX_SAMPLES, MAX_SEED, choice, integer, number
 from saelab.console import JsonFlag, ModelOpt, console, emit_json, escape, user_errors
-from saelab.errors import SaelabError
+from saelab.errors import BadValueError, SaelabError
 from saelab.interventions.edits import FeatureEdit, Positions
-from saelab.interventions.generate import Generation, generate
+from saelab.interventions.generate import Generation, check_sampling, generate
 from saelab.interventions.strength import DEFAULT_STRENGTH, UNITS, activation_value, site_norm
 
+# |strength| past this is a typo: residual streams have norms below 1e4.
+MAX_STRENGTH = 1e6
 CLI_MODES = {"add": "add", "clamp": "set", "set": "set", "zero": "zero", "scale": "scale"}
 DEFAULT_SCALE = 2.0
 """Default factor of `scale` (unitless)."""
@@ -77,36 +79,38 @@ def run_generate(model: Any, prompt: str, *, chat: bool = False, sae: Any = None
     activation units with unit="raw"; for scale it is the factor (default 2). `site`
     overrides the SAE's recorded site. Raises ValueError for bad settings.
     """
-    if mode not in CLI_MODES:
-        raise ValueError(f"mode={mode!r}; expected one of {', '.join(CLI_MODES)}")
-    if unit not in UNITS:
-        raise ValueError(f"unit={unit!r}; expected one of {', '.join(UNITS)}")
+    choice("mode", mode, tuple(CLI_MODES))
+    choice("unit", unit, tuple(UNITS))
     if strength is None:
         strength = DEFAULT_SCALE if mode == "scale" else DEFAULT_STRENGTH
-    if not math.isfinite(strength):
-        raise ValueError(f"strength={strength}: give a finite number")
+    number("strength", strength, low=-MAX_STRENGTH, high=MAX_STRENGTH)
+    integer("n", n, low=1, high=MAX_SAMPLES)
+    integer("seed", seed, low=0, high=MAX_SEED - n)
+    check_sampling(max_new_tokens, temperature, top_p)
     if not prompt.strip():
-        raise ValueError("the prompt is empty; give some text (--prompt TEXT)")
-    if n < 1:
-        raise ValueError(f"n={n}: need at least one sample")
+        raise BadValueError("the prompt is empty; give some text (--prompt TEXT)")
+    if feature is not None:
+        integer("feature", feature, low=0, high=ABSURD)
+    sae_obj = _sae(sae)  # before the model: a bad SAE or feature fails in milliseconds
+    if sae_obj is not None and feature is None:
+        raise BadValueError("an SAE was given but no feature to edit; pass feature=F (--feature F)")
+    if sae_obj is None and feature is not None:
+        raise BadValueError(f"feature={feature} needs an SAE to edit it in; pass sae=PATH (--sae DIR)")
+    if sae_obj is not None and feature >= sae_obj.cfg.d_sae:
+        raise BadValueError(f"feature={feature}: the SAE has features 0..{sae_obj.cfg.d_sae - 1}")
     lm = model
     if isinstance(model, str | Path):
         from saelab.models.load import load_model
 
         lm = load_model(str(model), dtype=dtype)
-    sae_obj = _sae(sae)
-    if sae_obj is not None and feature is None:
-        raise ValueError("an SAE was given but no feature to edit; pass feature=F (--feature F)")
-    if sae_obj is None and feature is not None:
-        raise ValueError(f"feature={feature} needs an SAE to edit it in; pass sae=PATH (--sae DIR)")
     at = site or (sae_obj.cfg.site if sae_obj is not None else None)
-    if sae_obj is not None:  # before generating: a bad feature fails at once
+    if sae_obj is not None:  # before generating: a bad edit fails at once
         value, norm = _edit_value(lm, sae_obj, at, feature, mode, strength, unit)
         edit = FeatureEdit(feature, CLI_MODES[mode], value, positions)
     prompts, seeds = [prompt] * n, [seed + i for i in range(n)]
     common = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seeds=seeds,
                   chat=chat)
-    unedited = generate(lm, prompts, **common)
+    unedited = generate(lm, prompts, past_positions="error", **common)
     edited = None
     settings: dict[str, Any] = {"model": getattr(lm, "name", str(model)), "chat": chat, **common}
     if sae_obj is not None:

@@ -27,6 +27,7 @@ positions.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -34,10 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saelab.checks import ABSURD, choice, integer, number
 from saelab.data.tokens import chat_prompt, encode_prompts, position_ids
+from saelab.errors import BadValueError
 from saelab.interventions.edits import Edit, Frame, PatchEdit
 from saelab.interventions.splice import SAEs, splice, unwrap
 from saelab.models.kv_cache import cache_kwargs, returned_cache
+from saelab.models.limits import check_positions, lm_max_positions
 
 
 @dataclass
@@ -93,21 +97,26 @@ def generate(lm: Any, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
              keep_error: bool = True, record_features: bool | str | Sequence[str] = False,
              top_features: int = 16, chat: bool = False, stop_at_eos: bool = True,
              batch_size: int = 16, use_cache: bool = True, tokenizer: Any = None,
-             eos_token_ids: Sequence[int] | None = None) -> Generation:
+             eos_token_ids: Sequence[int] | None = None, past_positions: str = "warn"
+             ) -> Generation:
     """Sample continuations of `prompts` (texts, or token-id lists) with optional edits.
 
     seeds: one per prompt, or an int s giving prompt i the seed s + i. `edits` and `saes`
     are as in `splice`; `rows` of an edit (and the first axis of a [B, T, d] PatchEdit
     value) index prompts. record_features: True (all SAEs), a site or sites.
     top_features: how many features to keep per token. use_cache=False recomputes the
-    whole sequence each step (slow; for checking).
+    whole sequence each step (slow; for checking). past_positions: "warn" or "error" when a
+    prompt, or a prompt and its new tokens, run past the model's max_position_embeddings
+    (RoPE models extrapolate, less reliably); an empty prompt is always a BadValueError.
     """
-    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or batch_size < 1:
-        raise ValueError(f"generate: need max_new_tokens >= 1 (got {max_new_tokens}), temperature "
-                         f">= 0 ({temperature}), 0 < top_p <= 1 ({top_p}), batch_size >= 1 ({batch_size})")
+    check_sampling(max_new_tokens, temperature, top_p)
+    integer("batch_size", batch_size, low=1)
     model, arch = unwrap(lm)
     tokenizer = tokenizer or getattr(lm, "tokenizer", None)
     texts, token_lists = _prepare(prompts, tokenizer, chat)
+    choice("past_positions", past_positions, ("warn", "error"))
+    _check_prompts(token_lists, max_new_tokens, lm_max_positions(model), getattr(lm, "name", None),
+                   past_positions == "error")
     seed_list = ([seeds + i for i in range(len(token_lists))] if isinstance(seeds, int) else list(seeds))
     if len(seed_list) != len(token_lists):
         raise ValueError(f"generate: {len(seed_list)} seeds for {len(token_lists)} prompts; give one "
@@ -126,6 +135,34 @@ def generate(lm: Any, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
         if tokenizer is not None:
             sample.text = tokenizer.decode(sample.tokens, skip_special_tokens=True)
     return Generation(samples)
+
+
+# A higher temperature samples near-uniform noise from the vocabulary: past this it is a typo.
+MAX_TEMPERATURE = 1e3
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """BadValueError unless 1 <= max_new_tokens, 0 <= temperature <= 1e3, 0 < top_p <= 1."""
+    integer("max_new_tokens", max_new_tokens, low=1, high=ABSURD)
+    number("temperature", temperature, low=0, high=MAX_TEMPERATURE)
+    number("top_p", top_p, low=0, low_open=True, high=1)
+
+
+def _check_prompts(token_lists: list[list[int]], max_new_tokens: int, limit: int | None,
+                   name: str | None, strict: bool) -> None:
+    """An empty prompt is refused; one past the model's positions is refused when `strict`
+    (the command line), else warned about, as is a generation that would run past them."""
+    model = name or "the model"
+    for i, ids in enumerate(token_lists):
+        if not ids:  # SmolLM2 adds no BOS: an empty prompt is zero tokens, nothing to condition on
+            raise BadValueError(f"prompt {i} is empty: it has no tokens to continue; give some text")
+        if strict:
+            check_positions(f"prompt {i}", len(ids), limit, model)
+    longest = max(len(ids) for ids in token_lists)
+    if limit is not None and longest + max_new_tokens > limit:
+        warnings.warn(f"a prompt of {longest:,} tokens + max_new_tokens={max_new_tokens} runs "
+                      f"past {model}'s {limit:,} positions; tokens past them are extrapolated",
+                      stacklevel=3)
 
 
 def _prepare(prompts: Any, tokenizer: Any, chat: bool) -> tuple[list[str] | None, list[list[int]]]:

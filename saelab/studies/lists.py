@@ -30,7 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from saelab.checks import ABSURD, MAX_SAMPLES, MAX_SEED, PER_FEATURE, boolean, integer, number
 from saelab.data.store import atomic_write_text
+from saelab.errors import BadValueError
+from saelab.interventions.generate import MAX_TEMPERATURE
 from saelab.studies.lists_data import (
     TEMPLATES,
     TOPICS,
@@ -42,6 +45,7 @@ from saelab.studies.lists_data import (
 )
 from saelab.studies.records import RecordLog
 from saelab.studies.saes import SAEPlan, ensure_saes
+from saelab.train.config import MAX_WIDTH
 
 Stage = Callable[[str, int], Callable[[int], None]]  # (name, total) -> update(done)
 
@@ -118,8 +122,25 @@ class ListsConfig:
             raise ValueError(f"templates {unknown} unknown; choose from {', '.join(TEMPLATES)}")
         if self.metric not in ("auto", "whitespace", "end_of_turn"):
             raise ValueError(f"metric={self.metric!r}; expected auto, whitespace or end_of_turn")
-        if self.samples < 1 or self.ablate < 1 or self.batch_size < 1 or not self.topics:
-            raise ValueError("samples, ablate and batch_size must be >= 1 and topics non-empty")
+        if not self.topics:
+            raise BadValueError("topics is empty: give at least one topic")
+        integer("samples", self.samples, low=1, high=MAX_SAMPLES)
+        integer("ablate", self.ablate, low=1, high=PER_FEATURE)
+        integer("batch_size", self.batch_size, low=1, high=ABSURD)
+        integer("seed", self.seed, low=0, high=MAX_SEED)
+        integer("sae_tokens", self.sae_tokens, low=1, high=ABSURD)
+        integer("sae_width", self.sae_width, low=1, high=MAX_WIDTH)
+        integer("sae_k", self.sae_k, low=1, high=self.sae_width)
+        for name in ("max_new_tokens", "regen_max_new_tokens"):
+            integer(name, getattr(self, name), low=1, high=ABSURD)
+        for name in ("top_pairs", "skip_first", "bootstrap", "dashboard_tokens"):
+            integer(name, getattr(self, name), low=0, high=ABSURD)
+        for name in ("temperature", "regen_temperature"):
+            number(name, getattr(self, name), low=0, high=MAX_TEMPERATURE)
+        for name in ("top_p", "regen_top_p"):
+            number(name, getattr(self, name), low=0, low_open=True, high=1)
+        for name in ("both_metrics", "ablate_every_step", "only_ended", "embed_diversity"):
+            boolean(name, getattr(self, name))
 
     @classmethod
     def preset_config(cls, name: str, **overrides: Any) -> ListsConfig:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saelab.checks import ABSURD, MAX_SEED, integer, number
 from saelab.errors import SaelabError
 from saelab.interventions.splice import one_site, unwrap
 from saelab.models.hooks import capture, patch
@@ -49,6 +50,7 @@ from saelab.studies.synthetic_targets import (
     sample_windows,
     site_acts,
 )
+from saelab.train.config import MAX_WIDTH
 
 KINDS = ("real", "random", "synthetic-baseline", "synthetic-structured")
 MODES = ("relative", "absolute")
@@ -110,13 +112,15 @@ class SyntheticConfig:
             raise ValueError(f"SyntheticConfig.mode={self.mode!r}: expected one of {MODES}")
         for name, low in (("n", 2), ("steps", 2), ("prompt_len", 2), ("stats_prompts", 2),
                           ("n_close", 1), ("n_top", 1), ("plateau_n", 0), ("sample_curves", 0),
-                          ("batch_rows", 1), ("sae_tokens", 1), ("sae_width", 1), ("sae_k", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"SyntheticConfig.{name}={value!r}: expected an integer >= {low}")
-        for name in ("step_size", "blowup_threshold", "plateau_threshold"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"SyntheticConfig.{name}={getattr(self, name)!r}: expected > 0")
+                          ("batch_rows", 1), ("sae_tokens", 1)):
+            integer(name, getattr(self, name), low=low, high=ABSURD)
+        integer("sae_width", self.sae_width, low=1, high=MAX_WIDTH)
+        integer("sae_k", self.sae_k, low=1, high=self.sae_width)
+        integer("seed", self.seed, low=0, high=MAX_SEED)
+        # Step lengths in the site's units (residual norms are below 1e4); fractions <= 1.
+        number("step_size", self.step_size, low=0, low_open=True, high=1e6)
+        number("blowup_threshold", self.blowup_threshold, low=0, low_open=True, high=1)
+        number("plateau_threshold", self.plateau_threshold, low=0, low_open=True, high=1e3)
 
 
 class Curves(NamedTuple):

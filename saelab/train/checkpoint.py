@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from saelab.checks import integer
 from saelab.data.store import atomic_write_text
 from saelab.errors import CorruptFileError
 
@@ -38,13 +40,45 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, Tensor], info: d
     return folder / name
 
 
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON object from `path`, or CorruptFileError (exit 3) naming the file and `fix`.
+
+    For run.json and latest.json: a truncated or hand-edited file must give one line.
+    """
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{path} is not valid JSON ({err}); it may be truncated: "
+                               f"{fix}.") from None
+    if not isinstance(raw, dict):
+        raise CorruptFileError(f"{path} holds a JSON {type(raw).__name__}, expected an "
+                               f"object: {fix}.")
+    return raw
+
+
+def read_run_record(path: Path) -> dict:
+    """A training run's run.json, checked as far as a resume reads it (config: an object)."""
+    fix = f"move {path.parent} aside and train into a new folder"
+    raw = read_json_object(path, fix)
+    if not isinstance(raw.get("config"), dict):
+        raise CorruptFileError(f"{path}: config is {raw.get('config')!r:.60}, expected an "
+                               f"object: {fix}.")
+    return raw
+
+
 def load_checkpoint(folder: Path) -> tuple[dict[str, Tensor], dict] | None:
     """The newest complete checkpoint, or None if there is none."""
     pointer = folder / POINTER
     if not pointer.is_file():
         return None
-    info = json.loads(pointer.read_text())
-    path = folder / info["file"]
+    info = read_json_object(pointer, f"delete {folder} to restart training from scratch")
+    name, step = info.get("file"), info.get("step")
+    # A plain step file name: the pointer must not lead outside its folder.
+    if not isinstance(name, str) or not re.fullmatch(r"step_\d+\.safetensors", name):
+        raise CorruptFileError(f"{pointer}: file is {name!r}, expected a name like "
+                               f"step_00000123.safetensors; delete {folder} to restart training.")
+    integer(f"{pointer}: step", step, low=0, error=CorruptFileError)
+    path = folder / name
     try:
         return load_file(str(path)), info
     except Exception as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -38,7 +39,7 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Learning rate (default depends on arch, width).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
     dtype: Annotated[str, typer.Option(help="SAE compute dtype: auto, float32, bfloat16.")] = "auto",
-    checkpoint_every: Annotated[int, typer.Option(help="Tokens between checkpoints.")] = 500_000,
+    checkpoint_every: Annotated[int, typer.Option(help="Tokens between checkpoints (0: only at the end).")] = 500_000,
     deterministic: Annotated[bool, typer.Option(help="Deterministic kernels (exact resume).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     shard_sites: Annotated[bool, typer.Option(help="Under torchrun: each rank trains its own SAEs.")] = False,
@@ -58,44 +59,55 @@ def train(
 
     dist = from_env(device)
     site_list = [s.strip() for s in sites.split(",") if s.strip()]
+
+    def config(site_names: list[str]) -> TrainConfig:
+        # k means nothing to relu/jumprelu; min(32, w) keeps the spec valid at any width.
+        specs = tuple(SAESpec(site, arch=arch, width=w, k=kk, l1=l1, l0_coef=l0_coef)
+                      for site in site_names for w in _ints(width, "width")
+                      for kk in (_ints(k, "k") if arch in ("topk", "batchtopk")
+                                 else [min(32, w)]))
+        return TrainConfig(saes=specs, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
+                           dtype=dtype, checkpoint_every=checkpoint_every,
+                           deterministic=deterministic)
+
+    if not site_list:
+        raise SaelabError(f"--sites={sites!r}: give at least one site, e.g. resid_post.12")
+    config(site_list)  # every option is checked before a model or cache is read
     cache_per_rank = cache is None and dist.active and not shard_sites
     if cache is None:
         from saelab.data.harvest import HarvestConfig
+        from saelab.models.limits import check_positions, config_max_positions
         from saelab.models.load import load_model
 
+        harvest_cfg = HarvestConfig(sites=tuple(site_list), corpus=corpus, tokens=tokens,
+                                    context=context, store_dtype="bfloat16")
+        check_positions("--context", context, config_max_positions(model), model)
         # Data parallel: rank r harvests contexts r, r+N, ... into its own cache, its
         # share of the tokens. bf16 storage halves the disk a training cache takes; SAE
         # training does not notice the rounding (about 3 significant digits).
         cache = out / "cache" / (f"rank_{dist.rank}" if cache_per_rank else "")
-        share = tokens // dist.world_size if cache_per_rank else tokens
+        if cache_per_rank:
+            harvest_cfg = dataclasses.replace(harvest_cfg, tokens=tokens // dist.world_size)
         if cache_per_rank or dist.is_main:
             harvest_with_progress(
-                load_model(model, device=device),
-                HarvestConfig(sites=tuple(site_list), corpus=corpus, tokens=share,
-                              context=context, store_dtype="bfloat16"), cache,
+                load_model(model, device=device), harvest_cfg, cache,
                 rank=dist.rank if cache_per_rank else 0,
                 world_size=dist.world_size if cache_per_rank else 1)
         dist.barrier()
     from saelab.data.store import ActivationStore
 
     store_sites = ActivationStore(cache, verify=False).sites
-    canonical = _canonical_sites(site_list, store_sites)
-    specs = tuple(SAESpec(site, arch=arch, width=w, k=kk, l1=l1, l0_coef=l0_coef)
-                  for site in canonical for w in _ints(width, "width")
-                  for kk in (_ints(k, "k") if arch in ("topk", "batchtopk") else [32]))
-    try:
-        cfg = TrainConfig(saes=specs, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
-                          dtype=dtype, checkpoint_every=checkpoint_every,
-                          deterministic=deterministic)
-    except ValueError as err:
-        raise SaelabError(str(err)) from None
+    cfg = config(_canonical_sites(site_list, store_sites))
     from saelab.console import progress
 
     with progress() as bar:
-        task = bar.add_task("train", total=cfg.steps * cfg.batch_size, info="",
-                            visible=dist.is_main)
+        task = None  # added at the first update: an error before it stays one line
 
         def update(done: int, total: int, stats: dict) -> None:
+            nonlocal task
+            if task is None:
+                task = bar.add_task("train", total=cfg.steps * cfg.batch_size, info="",
+                                    visible=dist.is_main)
             bar.update(task, completed=done, info=fmt_stats(stats))
 
         result = run_train(cfg, cache, out, resume=resume, on_progress=update, dist=dist,

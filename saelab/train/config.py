@@ -9,7 +9,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from saelab.checks import ABSURD, MAX_SEED, boolean, choice, integer, number
+from saelab.errors import BadValueError
+from saelab.precision import DTYPES
+
 ARCHS = ("relu", "jumprelu", "topk", "batchtopk")
+# 2^24 latents x a 4096-wide site is 2^36 float32 weights (256 GiB) per matrix: past any
+# machine this runs on, so a larger width is a typo.
+MAX_WIDTH = 2**24
+MAX_COEF = 1e6
 
 
 @dataclass(frozen=True)
@@ -30,13 +38,14 @@ class SAESpec:
     """L0 coefficient λ (jumprelu)."""
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch={self.arch!r}; allowed: {', '.join(ARCHS)}")
-        if self.width <= 0 or self.k <= 0 or self.k > self.width:
-            raise ValueError(f"need 0 < k <= width, got k={self.k}, width={self.width}")
-        if self.l1 < 0 or self.l0_coef < 0:
-            raise ValueError(f"sparsity coefficients must be >= 0, got l1={self.l1}, "
-                             f"l0_coef={self.l0_coef}")
+        choice("arch", self.arch, ARCHS)
+        integer("width", self.width, low=1, high=MAX_WIDTH)
+        integer("k", self.k)
+        if not 0 < self.k <= self.width:
+            raise BadValueError(f"need 0 < k <= width, got k={self.k}, width={self.width}")
+        # Inputs have unit mean squared norm: past MAX_COEF the first step kills every latent.
+        number("l1", self.l1, low=0, high=MAX_COEF)
+        number("l0_coef", self.l0_coef, low=0, high=MAX_COEF)
 
     @property
     def label(self) -> str:
@@ -91,18 +100,36 @@ class TrainConfig:
 
     def __post_init__(self):
         if not self.saes:
-            raise ValueError("saes is empty: give at least one SAE to train")
+            raise BadValueError("saes is empty: give at least one SAE to train")
         labels = [s.label for s in self.saes]
         if len(set(labels)) != len(labels):
-            raise ValueError(f"two SAEs share a site, arch and width: {labels}")
+            raise BadValueError(f"two SAEs share a site, arch and width: {labels}")
+        integer("tokens", self.tokens, low=1, high=ABSURD)
+        integer("batch_size", self.batch_size, low=1, high=ABSURD)
         if self.tokens < self.batch_size:
-            raise ValueError(f"tokens={self.tokens} is less than one batch ({self.batch_size})")
-        if self.b_dec_init not in ("mean", "geometric_median", "zeros"):
-            raise ValueError(f"b_dec_init={self.b_dec_init!r}; allowed: mean, "
-                             "geometric_median, zeros")
-        if not 0 <= self.decay_start <= 1 or not 0 <= self.sparsity_warmup <= 1:
-            raise ValueError("decay_start and sparsity_warmup are fractions in [0, 1], got "
-                             f"{self.decay_start} and {self.sparsity_warmup}")
+            raise BadValueError(f"tokens={self.tokens} is less than one batch ({self.batch_size})")
+        if self.lr is not None:
+            number("lr", self.lr, low=0, low_open=True, high=1)
+        if self.beta1 is not None:
+            number("beta1", self.beta1, low=0, high=1)
+        number("beta2", self.beta2, low=0, high=1)
+        integer("warmup_steps", self.warmup_steps, low=0)
+        number("decay_start", self.decay_start, low=0, high=1)
+        number("sparsity_warmup", self.sparsity_warmup, low=0, high=1)
+        choice("b_dec_init", self.b_dec_init, ("mean", "geometric_median", "zeros"))
+        number("auxk_alpha", self.auxk_alpha, low=0)
+        integer("dead_tokens", self.dead_tokens, low=1)
+        integer("resample_every", self.resample_every, low=0)
+        number("jumprelu_bandwidth", self.jumprelu_bandwidth, low=0, low_open=True)
+        number("jumprelu_init_threshold", self.jumprelu_init_threshold, low=0)
+        integer("seed", self.seed, low=0, high=MAX_SEED)
+        if isinstance(self.dtype, str):  # a torch.dtype is taken as given
+            choice("dtype", self.dtype, ("auto", *DTYPES))
+        # 0 means only at the end; a negative count would checkpoint every step.
+        integer("checkpoint_every", self.checkpoint_every, low=0)
+        boolean("deterministic", self.deterministic)
+        number("outlier_factor", self.outlier_factor, low=0)
+        integer("nan_limit", self.nan_limit, low=0)
 
     @property
     def steps(self) -> int:

@@ -21,7 +21,7 @@ import torch
 from saelab.data.store import ActivationStore, atomic_write_text
 from saelab.errors import SaelabError, ShapeMismatchError
 from saelab.precision import dtype_name, resolve_dtype
-from saelab.train.checkpoint import load_checkpoint, save_checkpoint
+from saelab.train.checkpoint import load_checkpoint, read_run_record, save_checkpoint
 from saelab.train.config import TrainConfig
 from saelab.train.distributed import SINGLE, Dist
 from saelab.train.objective import SAEObjective
@@ -172,7 +172,7 @@ def _check_resume(out: Path, record: dict, resume: bool) -> None:
         if resume:
             raise SaelabError(f"nothing to resume in {out}: it has no run.json.")
         return
-    old = json.loads(path.read_text())
+    old = read_run_record(path)
     if not resume:
         raise SaelabError(f"{out} already holds a training run. Resume it with --resume, "
                           "or choose another --out.")

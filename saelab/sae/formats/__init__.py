@@ -22,8 +22,9 @@ from pathlib import Path
 
 from torch import Tensor
 
-from saelab.errors import UnsafeFileError
-from saelab.sae.base import SAE
+from saelab.checks import choice
+from saelab.errors import CorruptFileError, SaelabError, UnsafeFileError
+from saelab.sae.base import DTYPES, SAE
 from saelab.sae.formats import dictionary_learning, gemma_scope, native, sparsify
 from saelab.sae.formats._common import PICKLE_SUFFIXES, FormatError
 from saelab.sae.formats.names import UnmappableNameError
@@ -111,12 +112,22 @@ def load_sae(
     `dtype` ("float32", "bfloat16", ...) overrides the file's dtype. Every tensor is
     checked (names, shapes, finite values) before anything is built.
     """
+    if dtype is not None:
+        choice("dtype", dtype, tuple(DTYPES))
     if format is None:
         fmt, folder = detect_format(path)
     else:
         fmt, p = canonical_format(format), Path(path)
         folder = p if p.is_dir() else p.parent
-    return _READERS[fmt](folder, dtype=dtype)
+    try:
+        return _READERS[fmt](folder, dtype=dtype)
+    except SaelabError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        # A field no reader check foresaw (each reader checks what it reads): still the
+        # file's fault, so name the folder and the format rather than show a traceback.
+        raise CorruptFileError(f"{folder}: not a readable {fmt} SAE ({type(err).__name__}: "
+                               f"{err}). Re-save or re-download it.") from err
 
 
 def save_sae(

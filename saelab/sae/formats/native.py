@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 import saelab
+from saelab.checks import boolean, integer, mapping
 from saelab.errors import CorruptFileError, ShapeMismatchError
 from saelab.sae.base import SAE, SAEConfig, UnknownArchitectureError
 from saelab.sae.formats._common import (
@@ -48,22 +49,32 @@ def _architecture(raw: dict[str, Any], where: Path) -> tuple[str, int | None]:
     fn = raw.get("activation_fn", raw.get("activation_fn_str"))
     if arch is None or (arch == "standard" and fn == "topk"):
         # pre-6.0: an activation function instead of an architecture
-        kwargs = raw.get("activation_fn_kwargs") or {}
+        kwargs = mapping(f"{where}: activation_fn_kwargs", raw.get("activation_fn_kwargs") or {},
+                         error=CorruptFileError)
         arch, k = ("topk", kwargs.get("k")) if fn == "topk" else ("standard", None)
-    if arch not in _FROM_SAELENS:
+    if not isinstance(arch, str) or arch not in _FROM_SAELENS:
         raise UnknownArchitectureError(
             f"{where}: SAELens architecture {arch!r} is not supported; saelab reads "
             f"{', '.join(_FROM_SAELENS)} (as saelab's {', '.join(_FROM_SAELENS.values())})."
         )
-    return _FROM_SAELENS[arch], (int(k) if k is not None else None)
+    arch = _FROM_SAELENS[arch]
+    if arch == "topk" and k is None:
+        raise CorruptFileError(f"{where}: k is missing; a topk SAE needs k (active features "
+                               "per token). Add it to the file.")
+    if k is not None:
+        k = integer(f"{where}: k", k, low=1, high=raw.get("d_sae"), error=CorruptFileError)
+    return arch, k
 
 
 def _check_cfg(raw: dict[str, Any], where: Path) -> None:
+    """Types and ranges of every field read, naming the file and the field (exit 3)."""
     for key in ("d_in", "d_sae"):
-        if not isinstance(raw.get(key), int):
-            raise CorruptFileError(
-                f"{where}: {key} is missing or not an integer ({raw.get(key)!r})"
-            )
+        integer(f"{where}: {key}", raw.get(key), low=1, error=CorruptFileError)
+    if "apply_b_dec_to_input" in raw:  # "no" is not true: only a JSON boolean is read
+        boolean(f"{where}: apply_b_dec_to_input", raw["apply_b_dec_to_input"],
+                error=CorruptFileError)
+    if raw.get("metadata") is not None:
+        mapping(f"{where}: metadata", raw["metadata"], error=CorruptFileError)
     norm = raw.get("normalize_activations") or "none"
     if norm is True:
         norm = "expected_average_only_in"
@@ -108,7 +119,7 @@ def read(folder: Path, *, dtype: str | None = None) -> SAE:
         d_in=raw["d_in"],
         d_sae=raw["d_sae"],
         k=k,
-        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+        apply_b_dec_to_input=raw.get("apply_b_dec_to_input", True),
         dtype=dt,
         metadata=fill_site(meta, str(folder / CFG)),
     )
