@@ -87,7 +87,16 @@ class TrainConfig:
     outlier_factor: float = 10.0
     """Leave out attention-sink tokens with norm > this x the median (0: keep all)."""
     nan_limit: int = 10
-    """Batches with NaN/inf activations skipped before training stops."""
+    """Rows with NaN/inf activations are left out; training stops past this many batches' worth."""
+    log_every: int = 10
+    """Steps between reads of the training statistics (metrics.jsonl, progress bar): the
+    only times a step's numbers come back from the device."""
+    buffer_tokens: int = 65_536
+    """Rows of each site held in the shuffling buffer (see saelab/data/stream.py)."""
+    buffer_dtype: str = "auto"
+    """Dtype of the buffer: auto (the cache's dtype; bfloat16 when streaming), float32..."""
+    chunk_contexts: int = 16
+    """Contexts per model forward when streaming (a cache is re-cut into the same chunks)."""
 
     def __post_init__(self):
         if not self.saes:

@@ -75,8 +75,9 @@ class SparseCodes:
     CSR of the transpose, needed by dW_enc and dW_dec) is done once.
     """
 
-    def __init__(self, rows: Tensor, cols: Tensor, shape: tuple[int, int]):
-        if rows.numel() > 1 and bool((rows[1:] < rows[:-1]).any()):
+    def __init__(self, rows: Tensor, cols: Tensor, shape: tuple[int, int], check: bool = True):
+        # the order check reads a value back; training builds rows in order and skips it
+        if check and rows.numel() > 1 and bool((rows[1:] < rows[:-1]).any()):
             raise ValueError("SparseCodes: rows must be in ascending order")
         self.rows, self.cols, self.shape = rows, cols, shape
         self.row_starts = _segment_starts(rows, shape[0])
@@ -165,6 +166,16 @@ class SparseDecode(torch.autograd.Function):
             grad_W_dec = _segment_sum(rows_by_col, grad_out, col_starts,
                                       vals[perm].to(grad_out.dtype))
         return None, grad_vals, grad_W_dec
+
+
+def topk_codes_masked(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, cols, keep) of each row's k largest pre-activations, k per row, rows
+    ascending; keep [N·k] is False where the value is not positive (ReLU after top-k).
+    Fixed size, so no value is read back to the host: multiply the gathered values by
+    `keep` instead of removing the inactive entries."""
+    vals, cols = pre.topk(k, dim=-1, sorted=False)  # (N, k)
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+    return rows, cols.flatten(), vals.flatten() > 0
 
 
 def topk_codes(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
