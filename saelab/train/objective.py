@@ -114,7 +114,7 @@ class SAEObjective:
         """Every tensor this objective holds (for tests and memory accounting)."""
         out = {name: p for name, p in zip(("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
                                            self.params, strict=False)}
-        out |= {n: t for n, t in self.state_tensors().items() if n != "step_i"}
+        out |= {n: t for n, t in self.state_tensors().items() if n not in ("step_i", "any_dead")}
         out["stats"] = self._stats
         if self._pre is not None:
             out["pre"] = self._pre
