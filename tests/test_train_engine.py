@@ -197,3 +197,14 @@ def test_a_cuda_step_reads_nothing_back():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert obj.read_stats()["l0"] > 0
+
+
+def test_the_sliced_gather_dot_equals_sampled_addmm():
+    """The code-gradient path used off the CPU (sliced gathers) gives sampled_addmm's values."""
+    from saelab.train.sparse_ops import SparseCodes, gather_dot, topk_codes
+
+    a, b = torch.randn(300, 24), torch.randn(90, 24)
+    rows, cols = topk_codes(torch.randn(300, 90), 7)
+    expected = SparseCodes(rows, cols, (300, 90)).sampled_dot(a, b)
+    torch.testing.assert_close(gather_dot(rows, cols, a, b, slice_elements=24 * 50), expected)
+    torch.testing.assert_close(gather_dot(rows, cols, a, b), expected)

@@ -93,14 +93,27 @@ class SparseCodes:
         """⟨a[rows[j]], b[cols[j]]⟩ for each entry j, without gathering [nnz, D] rows:
         sampled_addmm computes (a · bᵀ) only at the CSR pattern."""
         if a.device.type != "cpu":  # sampled_addmm is measured and tested on CPU only
-            # (cuSPARSE's SDDMM may want sorted columns per row): the plain gather there
-            return (a[self.rows] * b[self.cols]).sum(-1)
+            # (cuSPARSE's SDDMM may want sorted columns per row): gathers there
+            return gather_dot(self.rows, self.cols, a, b)
         with warnings.catch_warnings():  # "CSR support is in beta", printed once per process
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
             pattern = torch.sparse_csr_tensor(self.row_starts, self.cols,
                                               a.new_zeros(len(self.cols)), self.shape,
                                               check_invariants=False)
         return torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values()
+
+
+def gather_dot(rows: Tensor, cols: Tensor, a: Tensor, b: Tensor,
+               slice_elements: int = 1 << 26) -> Tensor:
+    """⟨a[rows[j]], b[cols[j]]⟩ for each j [nnz], by gathers in slices of at most
+    `slice_elements` values, so no [nnz, D] temporary is formed (it would be 4.8 GB at
+    8192 tokens x k 64 x 2304). A Python loop over a few slices, not over entries."""
+    out = a.new_empty(len(rows))
+    step = max(1, slice_elements // max(1, a.shape[1]))
+    for i in range(0, len(rows), step):
+        out[i:i + step] = (a.index_select(0, rows[i:i + step])
+                           * b.index_select(0, cols[i:i + step])).sum(-1)
+    return out
 
 
 class SparseEncodeGrad(torch.autograd.Function):
