@@ -210,3 +210,23 @@ def test_streaming_cli_trains_every_site_of_a_glob(lm, corpus, tmp_path):
     assert not (tmp_path / "r" / "cache").exists()
     record = json.loads((tmp_path / "r" / "run.json").read_text())
     assert record["memory_budget"] == 2**30 and record["streaming"]
+
+
+@pytest.mark.parametrize("stop", [11, 13])  # contexts in shards at the stop: fewer, more than at the checkpoint
+def test_a_resumed_streaming_run_saves_the_whole_cache(lm, corpus, tmp_path, stop):
+    """--save-cache across a stop: the contexts forwarded but not yet in a shard when the
+    run stopped are forwarded again on resume, so the cache equals an uninterrupted one's."""
+    import hashlib
+
+    cfg = config(checkpoint_every=5 * 256)
+    def stream(folder):
+        return Stream(lm, corpus, context=32, save_cache=folder, shard_tokens=1024)
+    train(cfg, stream(tmp_path / "c1"), tmp_path / "whole")
+    with pytest.raises(Stop):
+        train(cfg, stream(tmp_path / "c2"), tmp_path / "parts", on_progress=stop_at(stop * 256))
+    train(cfg, stream(tmp_path / "c2"), tmp_path / "parts", resume=True)
+
+    def shards(folder):
+        return [hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.glob("shard_*.safetensors"))]
+    assert len(shards(tmp_path / "c1")) > 2 and shards(tmp_path / "c1") == shards(tmp_path / "c2")

@@ -46,6 +46,7 @@ def train(
     memory_budget: Annotated[str | None, typer.Option(help="Bytes the SAEs and buffers may use (e.g. 2GB); more SAEs train in successive passes. Default: 80% of free device memory / RAM.")] = None,
     buffer_tokens: Annotated[int, typer.Option(help="Rows per site in the shuffling buffer.")] = 65_536,
     log_every: Annotated[int, typer.Option(help="Steps between metrics reads (metrics.jsonl, progress).")] = 10,
+    forward_batch: Annotated[int | None, typer.Option(help="Contexts per model forward when streaming (default 16 on CPU, 256 on CUDA); a --cache is re-cut into the same chunks.")] = None,
     json: JsonFlag = False,
 ) -> None:
     """Train SAEs: several sites, widths or k from one activation stream.
@@ -94,7 +95,8 @@ def train(
         cfg = TrainConfig(saes=specs, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
                           dtype=dtype, checkpoint_every=checkpoint_every,
                           deterministic=deterministic, buffer_tokens=buffer_tokens,
-                          log_every=log_every)
+                          log_every=log_every, chunk_contexts=forward_batch or (
+                              256 if device.startswith("cuda") and cache is None else 16))
     except ValueError as err:
         raise SaelabError(str(err)) from None
     from saelab.console import progress

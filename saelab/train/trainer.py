@@ -43,6 +43,8 @@ class Stream:
     context: int = 128
     save_cache: Path | None = None
     """Also write the activations to this cache folder (harvest's layout)."""
+    shard_tokens: int = 65_536
+    """Tokens per shard of the saved cache (as harvest's)."""
 
 
 @dataclass
@@ -345,7 +347,8 @@ def _open_stream(data, cfg: TrainConfig, sites: list[str], dev: torch.device,
             writer = open_cache_writer(data.save_cache, ident, cfg.tokens)
         source = ModelContexts(data.lm, sites, load_corpus(data.corpus), data.context,
                                cfg.chunk_contexts, dtype, rank=dist.rank,
-                               world_size=dist.world_size, writer=writer)
+                               world_size=dist.world_size, writer=writer,
+                               shard_contexts=max(1, data.shard_tokens // data.context))
         if writer is not None:  # the cache holds every site, so its chunks do too
             source.sites = [s.name for s in all_sites]
     else:
