@@ -17,6 +17,15 @@ aten = torch.ops.aten
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def device_selection(monkeypatch):
+    """BatchTopK as it runs off the CPU (fixed-size selection, no read-back); the CPU's
+    exact selection reads a count back, which costs nothing there."""
+    import saelab.train.objective as objective_module
+
+    monkeypatch.setattr(objective_module, "EXACT_BATCHTOPK_ON_CPU", False)
+
+
 def objective(arch: str, device="cpu", **kw) -> SAEObjective:
     spec = SAESpec("resid_post.0", arch, 512, k=4)  # more latents than a batch fires
     cfg = TrainConfig(saes=(spec,), tokens=4096, batch_size=256, **({"dead_tokens": 1} | kw))
@@ -145,6 +154,7 @@ def test_fixed_size_batchtopk_selects_what_batchtopk_selects():
     from saelab.sae.base import SAEConfig, build_sae
 
     obj = objective("batchtopk")
+    assert not obj.exact_batchtopk
     pre = torch.randn(256, 512)
     rows, cols, keep, capped = obj._batch_topk(pre)
     ref = build_sae(SAEConfig("batchtopk", d_in=4, d_sae=512, k=4))

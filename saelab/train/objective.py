@@ -12,7 +12,7 @@ trainer reads every `log_every` steps (`read_stats`). The few decisions that
 would need a host value are taken without one: AuxK runs when the last read
 found dead latents (masked to the ones dead now), inactive top-k slots are
 masked to zero instead of removed, and BatchTopK picks the batch's k·N largest
-from each token's 4k largest (a fixed-size selection; see `_batch_topk`).
+from each token's 4k largest (a fixed-size selection, off the CPU; see `_batch_topk`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from saelab.train.sparse_ops import SparseCodes, SparseDecode, SparseEncodeGrad,
 
 TOPK_FAMILY = ("topk", "batchtopk")
 BATCHTOPK_CAP = 4  # a token holds at most this many times k of the batch's k·N codes
+EXACT_BATCHTOPK_ON_CPU = True  # tests turn it off to check the device path on the CPU
 STAT_KEYS = ("loss", "mse", "fvu", "l0", "auxk", "sparsity", "capped")
 
 
@@ -87,6 +88,7 @@ class SAEObjective:
         self.batch_threshold = torch.zeros((), device=dev)  # batchtopk: running inference threshold
         self.step_i = 0
         self.initialized = False  # host flag: whether `scale` was measured (no read-back)
+        self.exact_batchtopk = dev.type == "cpu" and EXACT_BATCHTOPK_ON_CPU  # see _batch_topk
         self.any_dead = False  # host flag: dead latents at the last read (turns AuxK on)
         self._stats = torch.zeros(len(STAT_KEYS), device=dev)  # sums since the last read
         self._stat_steps = 0
@@ -254,8 +256,15 @@ class SAEObjective:
         and the k·N largest of those N·4k win. That equals BatchTopK unless a token
         would hold more than 4k codes; `capped` (in the stats) counts the tokens whose
         every candidate won, the only ones that could have lost a code to the cap.
+        On the CPU a read-back costs nothing (no device queue to drain) and the exact
+        selection is faster there (576 vs 824 ms at 4096 x 4608, k 32, 2 loaded
+        cores: the per-token top-4k costs more than its nonzero), so it is kept.
         """
         n, width = pre.shape
+        if self.exact_batchtopk:
+            rows, cols, _ = self.sae.batch_topk(pre)
+            return rows, cols, torch.ones_like(rows, dtype=torch.bool), pre.new_zeros(
+                (), dtype=torch.float32)
         cap = min(width, BATCHTOPK_CAP * self.spec.k)
         cand_vals, cand_cols = pre.topk(cap, dim=-1, sorted=False)  # (N, cap)
         win = cand_vals.reshape(-1).topk(self.spec.k * n, sorted=False).indices
