@@ -87,6 +87,8 @@ def test_two_process_streaming_each_rank_reads_its_own_slice(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "resid_post.1-topk-64-k3" / "cfg.json").is_file()
     assert json.loads((out / "run.json").read_text())["streaming"]
+    # each rank's stream is its own, so each rank checkpoints its own
+    assert {p.name for p in (out / "ckpt").iterdir()} == {"rank_0", "rank_1"}
     # each rank streamed (and saved) its own slice of the corpus: contexts r, r + 2, ...
     from saelab.data.store import ActivationStore
 

@@ -198,8 +198,12 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
                   "shard_sites": shard_sites}
     _check_resume(out, run_record, resume)
     dist.barrier()  # every rank checked run.json before rank 0 rewrites it
-    writes = dist.is_main or shard_sites  # who saves checkpoints, SAEs and metrics
-    ckpt_dir = out / "ckpt" / (f"rank_{dist.rank}" if shard_sites else "")
+    writes = dist.is_main or shard_sites  # who saves SAEs and metrics
+    # Ranks that read their own data (own SAEs, or their own slice of the corpus) each
+    # checkpoint their own state; ranks sharing one cache hold identical state.
+    own_ckpt = shard_sites or (dist.active and (streaming or cache_per_rank))
+    saves_ckpt = writes or own_ckpt
+    ckpt_dir = out / "ckpt" / (f"rank_{dist.rank}" if own_ckpt else "")
     ckpt = load_checkpoint(ckpt_dir) if resume else None
     info = ckpt[1] if ckpt else {}
     labels = [[mine[i].label for i in g] for g in groups]
@@ -259,7 +263,7 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
             if on_progress:
                 on_progress((g * steps + step + 1) * cfg.batch_size, total,
                             {"tokens/s": rate, "group": f"{g + 1}/{n_groups}", "saes": last})
-            if writes and ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
+            if saves_ckpt and ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
                 _checkpoint(ckpt_dir, objectives, stream, g, step + 1, final)
         if isinstance(stream.source, ModelContexts):
             stream.source.flush()
@@ -273,7 +277,9 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
                                   "l0": stats.get("l0")})
                 sae_dirs[obj.spec.label] = save_sae(sae, out / obj.spec.label,
                                                     log_sparsity=obj.log_sparsity())
-            # the group is done: its SAEs are saved, the next pass starts at step 0
+        if own_ckpt and not shard_sites:
+            dist.barrier()  # rank 0 saved the SAEs before any rank marks the group done
+        if saves_ckpt:  # the group is done: its SAEs are saved, the next pass starts at 0
             save_checkpoint(ckpt_dir, 0, {}, {"group": g + 1, "step": 0, "final": final,
                                               "finished": g + 1 == n_groups})
         del objectives, stream
