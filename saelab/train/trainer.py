@@ -165,8 +165,13 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
         torch.use_deterministic_algorithms(True, warn_only=True)
     cdt = resolve_dtype(cfg.dtype, dev if dev.type != "meta" else "cpu")
     streaming = isinstance(data, Stream)
+    corpus = None
+    if streaming:  # loaded (and hashed) once for the run
+        from saelab.data.corpus import load_corpus
+
+        corpus = load_corpus(data.corpus)
     widths, identity, provenance, buffer_dtype = (
-        _stream_identity(data, cfg) if streaming else _cache_identity(Path(data), cfg))
+        _stream_identity(data, corpus, cfg) if streaming else _cache_identity(Path(data), cfg))
     for spec in cfg.saes:
         if spec.site not in widths:
             raise ShapeMismatchError(f"the data holds sites {list(widths)}; SAE {spec.label} "
@@ -229,7 +234,8 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
                                    _metadata(s, provenance, cfg), sync=sync, device=dev)
                       for s in specs]
         sites = list(dict.fromkeys(s.site for s in specs))
-        stream = _open_stream(data, cfg, sites, dev, buffer_dtype, local_batch, split, dist)
+        stream = _open_stream(data, corpus, cfg, sites, dev, buffer_dtype, local_batch, split,
+                              dist)
         begin = 0
         if ckpt is not None and g == first_group and start_step > 0:
             tensors = ckpt[0]
@@ -319,12 +325,10 @@ def _cache_identity(folder: Path, cfg: TrainConfig):
     return dict(store.sites), identity, provenance, dtype
 
 
-def _stream_identity(data: Stream, cfg: TrainConfig):
-    from saelab.data.corpus import load_corpus
+def _stream_identity(data: Stream, corpus, cfg: TrainConfig):
     from saelab.models.sites import Site, site_width
 
     lm = data.lm
-    corpus = load_corpus(data.corpus)
     widths = {}
     for spec in cfg.saes:
         widths[spec.site] = site_width(lm.arch, Site.parse(spec.site))
@@ -336,10 +340,9 @@ def _stream_identity(data: Stream, cfg: TrainConfig):
     return widths, identity, provenance, dtype
 
 
-def _open_stream(data, cfg: TrainConfig, sites: list[str], dev: torch.device,
+def _open_stream(data, corpus, cfg: TrainConfig, sites: list[str], dev: torch.device,
                  dtype: torch.dtype, local_batch: int, split: bool, dist: Dist) -> BatchStream:
     if isinstance(data, Stream):
-        from saelab.data.corpus import load_corpus
         from saelab.models.sites import resolve_sites
 
         writer = None
@@ -348,10 +351,10 @@ def _open_stream(data, cfg: TrainConfig, sites: list[str], dev: torch.device,
             from saelab.data.stream import open_cache_writer
 
             all_sites = resolve_sites(data.lm.arch, list(dict.fromkeys(s.site for s in cfg.saes)))
-            ident = cache_identity(data.lm, all_sites, load_corpus(data.corpus), data.context,
-                                   dtype, dist.rank, dist.world_size)
+            ident = cache_identity(data.lm, all_sites, corpus, data.context, dtype, dist.rank,
+                                   dist.world_size)
             writer = open_cache_writer(data.save_cache, ident, cfg.tokens)
-        source = ModelContexts(data.lm, sites, load_corpus(data.corpus), data.context,
+        source = ModelContexts(data.lm, sites, corpus, data.context,
                                cfg.chunk_contexts, dtype, rank=dist.rank,
                                world_size=dist.world_size, writer=writer,
                                shard_contexts=max(1, data.shard_tokens // data.context))
