@@ -230,3 +230,35 @@ def test_a_resumed_streaming_run_saves_the_whole_cache(lm, corpus, tmp_path, sto
         return [hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(folder.glob("shard_*.safetensors"))]
     assert len(shards(tmp_path / "c1")) > 2 and shards(tmp_path / "c1") == shards(tmp_path / "c2")
+
+
+@pytest.mark.parametrize("failing", [0, 1])  # the first SAE: retried after the split
+def test_out_of_memory_in_a_step_splits_the_group_and_ends_with_the_same_saes(
+        lm, corpus, tmp_path, monkeypatch, failing):
+    cfg = config(sites=SITES)
+    labels = [s.label for s in cfg.saes]
+    train(cfg, Stream(lm, corpus, context=32), tmp_path / "one")
+    step = SAEObjective.train_step
+    raised = []
+
+    def oom_once(self, x, steps):
+        if self.spec.label == labels[failing] and self.step_i == 5 and not raised:
+            raised.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return step(self, x, steps)
+
+    monkeypatch.setattr(SAEObjective, "train_step", oom_once)
+    with pytest.warns(UserWarning, match="out of device memory at step 5 of site group 1"):
+        split = train(cfg, Stream(lm, corpus, context=32), tmp_path / "split")
+    assert raised and split.groups == [labels[:1], labels[1:]]
+    assert json.loads((tmp_path / "split" / "run.json").read_text())["site_groups"] == split.groups
+    assert_same_saes(tmp_path / "one", tmp_path / "split", labels)
+
+
+def test_out_of_memory_with_one_sae_is_an_error(lm, corpus, tmp_path, monkeypatch):
+    def oom(self, x, steps):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(SAEObjective, "train_step", oom)
+    with pytest.raises(SaelabError, match="out of device memory training resid_post.1-topk-64-k4 alone"):
+        train(config(sites=SITES[:1]), Stream(lm, corpus, context=32), tmp_path)

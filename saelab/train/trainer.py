@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +229,9 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
     total = n_groups * steps * cfg.batch_size
     sae_dirs: dict[str, Path] = {lb: out / lb for g in labels[:first_group] for lb in g}
     started, trained_steps = time.perf_counter(), 0
-    for g in range(first_group, n_groups):
+    g = first_group - 1
+    while g + 1 < len(groups):  # a group split on out-of-memory adds one
+        g += 1
         specs = [mine[i] for i in groups[g]]
         objectives = [SAEObjective(s, widths[s.site], cfg, cdt,
                                    _metadata(s, provenance, cfg), sync=sync, device=dev)
@@ -253,8 +256,35 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
                 raise SaelabError(f"{stream.nonfinite_rows} activation rows with NaN/inf at "
                                   f"{sites}: the cache or the model is broken; check the "
                                   "harvest dtype.")
-            for obj in objectives:
-                obj.train_step(batch[obj.spec.site], steps)
+            for j, obj in enumerate(objectives):
+                try:
+                    obj.train_step(batch[obj.spec.site], steps)
+                except torch.OutOfMemoryError:
+                    # Split the group: the SAEs from this one on (or the second half, if
+                    # it is the first) train again from scratch in a pass of their own,
+                    # on the same batches, so the run ends with the same SAEs.
+                    cut = j if j > 0 else len(objectives) // 2
+                    if cut == 0:
+                        raise SaelabError(
+                            f"out of device memory training {obj.spec.label} alone (batch "
+                            f"{local_batch}); lower --batch-size or --buffer-tokens, or free "
+                            "device memory.") from None
+                    moved = groups[g][cut:]
+                    groups[g:g + 1] = [groups[g][:cut], moved]
+                    labels = [[mine[i].label for i in grp] for grp in groups]
+                    n_groups, total = len(groups), len(groups) * steps * cfg.batch_size
+                    run_record["site_groups"] = labels
+                    if dist.is_main:
+                        atomic_write_text(out / "run.json", json.dumps(run_record, indent=1))
+                    objectives = objectives[:cut]
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                    warnings.warn(f"out of device memory at step {step} of site group "
+                                  f"{g + 1}: {', '.join(labels[g + 1])} will train in a "
+                                  "pass of their own.", stacklevel=2)
+                    for again in objectives[j:]:  # j == 0: the step is retried
+                        again.train_step(batch[again.spec.site], steps)
+                    break
             trained_steps += 1
             rate = (step + 1 - begin) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
             if (step + 1) % cfg.log_every == 0 or step == steps - 1:
