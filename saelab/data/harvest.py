@@ -66,10 +66,7 @@ def harvest(lm: LM, config: HarvestConfig, out: str | Path,
     sites = resolve_sites(lm.arch, config.sites)
     corpus = load_corpus(config.corpus)
     store_dtype = DTYPES[config.store_dtype]
-    identity = {**lm.provenance(), "sites": {s.name: site_width(lm.arch, s) for s in sites},
-                "store_dtype": dtype_name(store_dtype), "context": config.context,
-                "corpus": corpus.name, "corpus_hash": corpus.sha256,
-                "slice": f"{rank}/{world_size}"}
+    identity = cache_identity(lm, sites, corpus, config.context, store_dtype, rank, world_size)
     kept = "every complete shard is kept and listed"
     with disk_full(out, kept):
         writer = ShardWriter(out, identity, tokens_target=config.tokens)
@@ -106,6 +103,16 @@ def harvest(lm: LM, config: HarvestConfig, out: str | Path,
         raise SaelabError(f"corpus {corpus.name!r} ran out after {done} tokens; asked for "
                           f"{config.tokens}. Ask for fewer tokens or use a larger corpus.")
     return manifest
+
+
+def cache_identity(lm: LM, sites, corpus, context: int, store_dtype: torch.dtype,
+                   rank: int = 0, world_size: int = 1) -> dict:
+    """What a cache of these activations holds (its manifest's identity); streaming
+    training with --save-cache writes the same, so either can be trained from."""
+    return {**lm.provenance(), "sites": {s.name: site_width(lm.arch, s) for s in sites},
+            "store_dtype": dtype_name(store_dtype), "context": context,
+            "corpus": corpus.name, "corpus_hash": corpus.sha256,
+            "slice": f"{rank}/{world_size}"}
 
 
 @torch.inference_mode()

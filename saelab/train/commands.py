@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from saelab.checks import ABSURD, integer
 from saelab.console import JsonFlag, ModelOpt, console, emit_json, user_errors
-from saelab.data.commands import harvest_with_progress
 from saelab.errors import SaelabError
 
 
@@ -24,17 +23,17 @@ def _ints(text: str, name: str) -> list[int]:
 @user_errors
 def train(
     out: Annotated[Path, typer.Option(help="Run folder: run.json, metrics.jsonl, one folder per SAE.")],
-    sites: Annotated[str, typer.Option(help="Sites, comma separated (one SAE per site x width x k).")] = "resid_post.12",
+    sites: Annotated[str, typer.Option(help="Sites, comma separated, globs ok (resid_post.*): one SAE per site x width x k.")] = "resid_post.12",
     model: ModelOpt = "smollm2-135m-instruct",
-    cache: Annotated[Path | None, typer.Option(help="Train from this activation cache instead of harvesting.")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Train from this activation cache instead of streaming from the model.")] = None,
     arch: Annotated[str, typer.Option(help="relu, jumprelu, topk or batchtopk.")] = "batchtopk",
     width: Annotated[str, typer.Option(help="Latents; several comma separated.")] = "4608",
     k: Annotated[str, typer.Option(help="Active latents per token (top-k family); several ok.")] = "32",
     l1: Annotated[float, typer.Option(help="L1 coefficient (relu).")] = 0.1,
     l0_coef: Annotated[float, typer.Option(help="L0 coefficient (jumprelu).")] = 1e-2,
     tokens: Annotated[int, typer.Option(help="Training tokens.")] = 2_000_000,
-    corpus: Annotated[str, typer.Option(help="Corpus to harvest when no --cache is given.")] = "builtin",
-    context: Annotated[int, typer.Option(help="Tokens per context when harvesting.")] = 128,
+    corpus: Annotated[str, typer.Option(help="Corpus to stream when no --cache is given.")] = "builtin",
+    context: Annotated[int, typer.Option(help="Tokens per context when streaming.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Tokens per optimizer step.")] = 4096,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default depends on arch, width).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
@@ -43,21 +42,28 @@ def train(
     deterministic: Annotated[bool, typer.Option(help="Deterministic kernels (exact resume).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
     shard_sites: Annotated[bool, typer.Option(help="Under torchrun: each rank trains its own SAEs.")] = False,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu or cuda: where the model and the SAEs run.")] = "cpu",
+    save_cache: Annotated[Path | None, typer.Option(help="While streaming, also write the activations to this cache folder.")] = None,
+    memory_budget: Annotated[str | None, typer.Option(help="Bytes the SAEs and buffers may use (e.g. 2GB); more SAEs train in successive passes. Default: 80% of free device memory / RAM.")] = None,
+    buffer_tokens: Annotated[int, typer.Option(help="Rows per site in the shuffling buffer.")] = 65_536,
+    log_every: Annotated[int, typer.Option(help="Steps between metrics reads (metrics.jsonl, progress).")] = 10,
+    forward_batch: Annotated[int | None, typer.Option(help="Contexts per model forward when streaming (default 16 on CPU, 256 on CUDA); a --cache is re-cut into the same chunks.")] = None,
     json: JsonFlag = False,
 ) -> None:
     """Train SAEs: several sites, widths or k from one activation stream.
 
+    Without --cache the model runs inside the training loop (one forward for
+    every site of a site group, stopped after the deepest) and nothing is
+    written to disk but the run (--save-cache writes the activations too).
     Under `torchrun --nproc-per-node N -m saelab train ...` training is data
-    parallel (each rank harvests and trains on its own slice of the corpus),
-    or site sharded with --shard-sites.
+    parallel (each rank streams its own slice of the corpus, or reads its
+    share of every batch of a --cache), or site sharded with --shard-sites.
     """
     from saelab.train.config import SAESpec, TrainConfig
     from saelab.train.distributed import from_env
-    from saelab.train.trainer import fmt_stats
+    from saelab.train.trainer import Stream, fmt_progress, parse_bytes, resolve_device
     from saelab.train.trainer import train as run_train
 
-    dist = from_env(device)
     site_list = [s.strip() for s in sites.split(",") if s.strip()]
 
     def config(site_names: list[str]) -> TrainConfig:
@@ -68,58 +74,72 @@ def train(
                                  else [min(32, w)]))
         return TrainConfig(saes=specs, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
                            dtype=dtype, checkpoint_every=checkpoint_every,
-                           deterministic=deterministic)
+                           deterministic=deterministic, buffer_tokens=buffer_tokens,
+                           log_every=log_every, chunk_contexts=forward_batch if forward_batch is not None
+                           else (256 if device.startswith("cuda") and cache is None else 16))
 
     if not site_list:
         raise SaelabError(f"--sites={sites!r}: give at least one site, e.g. resid_post.12")
+    if tokens < batch_size:  # before any model is loaded or token streamed
+        raise SaelabError(f"--tokens {tokens} is less than one batch (--batch-size "
+                          f"{batch_size}); ask for more tokens or a smaller batch.")
     config(site_list)  # every option is checked before a model or cache is read
-    cache_per_rank = cache is None and dist.active and not shard_sites
+    integer("--context", context, low=2, high=ABSURD)
+    if cache is not None and save_cache is not None:
+        raise SaelabError("--save-cache writes the activations of a streaming run; with "
+                          "--cache they are on disk already. Drop one of them.")
+    budget = parse_bytes(memory_budget) if memory_budget else None
+    resolve_device(device)
+    dist = from_env(device)
+    cache_per_rank = False
     if cache is None:
-        from saelab.data.harvest import HarvestConfig
         from saelab.models.limits import check_positions, config_max_positions
         from saelab.models.load import load_model
+        from saelab.models.sites import resolve_sites
 
-        harvest_cfg = HarvestConfig(sites=tuple(site_list), corpus=corpus, tokens=tokens,
-                                    context=context, store_dtype="bfloat16")
         check_positions("--context", context, config_max_positions(model), model)
-        # Data parallel: rank r harvests contexts r, r+N, ... into its own cache, its
-        # share of the tokens. bf16 storage halves the disk a training cache takes; SAE
-        # training does not notice the rounding (about 3 significant digits).
-        cache = out / "cache" / (f"rank_{dist.rank}" if cache_per_rank else "")
-        if cache_per_rank:
-            harvest_cfg = dataclasses.replace(harvest_cfg, tokens=tokens // dist.world_size)
-        if cache_per_rank or dist.is_main:
-            harvest_with_progress(
-                load_model(model, device=device), harvest_cfg, cache,
-                rank=dist.rank if cache_per_rank else 0,
-                world_size=dist.world_size if cache_per_rank else 1)
-        dist.barrier()
-    from saelab.data.store import ActivationStore
+        lm = load_model(model, device=device)
+        canonical = [s.name for s in resolve_sites(lm.arch, site_list)]
+        if save_cache is not None and dist.active and not shard_sites:
+            save_cache = save_cache / f"rank_{dist.rank}"  # each rank streams its own slice
+        data = Stream(lm, corpus=corpus, context=context, save_cache=save_cache)
+    else:
+        from saelab.data.store import ActivationStore
 
-    store_sites = ActivationStore(cache, verify=False).sites
-    cfg = config(_canonical_sites(site_list, store_sites))
+        canonical = _canonical_sites(site_list, ActivationStore(cache, verify=False).sites)
+        data = cache
+    cfg = config(canonical)
     from saelab.console import progress
 
     with progress() as bar:
         task = None  # added at the first update: an error before it stays one line
 
-        def update(done: int, total: int, stats: dict) -> None:
+        def update(done: int, total: int, info: dict) -> None:
             nonlocal task
             if task is None:
-                task = bar.add_task("train", total=cfg.steps * cfg.batch_size, info="",
-                                    visible=dist.is_main)
-            bar.update(task, completed=done, info=fmt_stats(stats))
+                task = bar.add_task("train", total=total, info="", visible=dist.is_main)
+            bar.update(task, completed=done, total=total, info=fmt_progress(info))
 
-        result = run_train(cfg, cache, out, resume=resume, on_progress=update, dist=dist,
-                           shard_sites=shard_sites, cache_per_rank=cache_per_rank)
+        result = run_train(cfg, data, out, resume=resume, on_progress=update, dist=dist,
+                           shard_sites=shard_sites, cache_per_rank=cache_per_rank,
+                           device=device, memory_budget=budget)
     if not dist.is_main:
         return
     summary = {"out": str(out), "tokens_per_s": result.tokens_per_second,
+               "already_finished": result.already_finished, "site_groups": result.groups,
                "saes": {label: {"dir": str(result.sae_dirs[label]), **result.final.get(label, {})}
                         for label in result.sae_dirs}}
     if json:
         return emit_json(summary)
-    table = Table("SAE", "L0", "FVU", "dead", "folder", title=f"trained at {result.tokens_per_second:,.0f} tokens/s")
+    if result.already_finished:
+        console.print(f"the run in {out} had already finished; nothing was trained or "
+                      "changed. Its SAEs:")
+    elif len(result.groups) > 1:
+        console.print(f"trained in {len(result.groups)} site groups (memory budget): "
+                      + "; ".join(", ".join(g) for g in result.groups))
+    title = ("finished earlier" if result.already_finished
+             else f"trained at {result.tokens_per_second:,.0f} tokens/s")
+    table = Table("SAE", "L0", "FVU", "dead", "folder", title=title)
     for label, row in summary["saes"].items():
         table.add_row(label, f"{row.get('l0', 0):.1f}", f"{row.get('fvu', 0):.3f}",
                       f"{row.get('dead', 0):.3f}", row["dir"])

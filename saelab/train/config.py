@@ -18,6 +18,8 @@ ARCHS = ("relu", "jumprelu", "topk", "batchtopk")
 # machine this runs on, so a larger width is a typo.
 MAX_WIDTH = 2**24
 MAX_COEF = 1e6
+# Contexts in one model forward: 2^16 x 128 tokens is far past any device's memory.
+PER_CHUNK = 2**16
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,16 @@ class TrainConfig:
     outlier_factor: float = 10.0
     """Leave out attention-sink tokens with norm > this x the median (0: keep all)."""
     nan_limit: int = 10
-    """Batches with NaN/inf activations skipped before training stops."""
+    """Rows with NaN/inf activations are left out; training stops past this many batches' worth."""
+    log_every: int = 10
+    """Steps between reads of the training statistics (metrics.jsonl, progress bar): the
+    only times a step's numbers come back from the device."""
+    buffer_tokens: int = 65_536
+    """Rows of each site held in the shuffling buffer (see saelab/data/stream.py)."""
+    buffer_dtype: str = "auto"
+    """Dtype of the buffer: auto (the cache's dtype; bfloat16 when streaming), float32..."""
+    chunk_contexts: int = 16
+    """Contexts per model forward when streaming (a cache is re-cut into the same chunks)."""
 
     def __post_init__(self):
         if not self.saes:
@@ -119,6 +130,10 @@ class TrainConfig:
         choice("b_dec_init", self.b_dec_init, ("mean", "geometric_median", "zeros"))
         number("auxk_alpha", self.auxk_alpha, low=0)
         integer("dead_tokens", self.dead_tokens, low=1)
+        integer("log_every", self.log_every, low=1, high=ABSURD)
+        integer("buffer_tokens", self.buffer_tokens, low=1, high=ABSURD)
+        integer("chunk_contexts", self.chunk_contexts, low=1, high=PER_CHUNK)
+        choice("buffer_dtype", self.buffer_dtype, ("auto", *DTYPES))
         integer("resample_every", self.resample_every, low=0)
         number("jumprelu_bandwidth", self.jumprelu_bandwidth, low=0, low_open=True)
         number("jumprelu_init_threshold", self.jumprelu_init_threshold, low=0)

@@ -5,7 +5,10 @@ The backend is gloo on CPU and NCCL on GPUs, so the same code is tested on a
 laptop and runs on a cluster.
 
 - data parallel (default): every rank trains every SAE on its own share of
-  each global batch; gradients and the statistics that steer training (input
+  each global batch (its slice of every batch of a shared cache, or, when
+  streaming, batches from its own slice of the corpus: contexts r, r + N, ...;
+  each rank then checkpoints its own stream); gradients and the statistics
+  that steer training (input
   scale, b_dec init, which latents fired) are averaged or summed across ranks,
   so all ranks hold identical weights, equal (to float rounding) to a
   one-process run with the same global batch. BatchTopK selects its k·N

@@ -4,6 +4,15 @@ Training happens on inputs scaled to unit mean squared norm (the scale is
 measured on the first batch); `export()` folds the scale into the weights, so
 saved SAEs take raw activations. Master weights are fp32; the large matmuls
 run in the compute dtype (bf16 only where the hardware makes it pay).
+
+Everything lives on the objective's device (parameters, Adam state, counters,
+thresholds, scratch buffers, the input scale), and a step never reads a value
+back to the host: its statistics accumulate in a device tensor that the
+trainer reads every `log_every` steps (`read_stats`). The few decisions that
+would need a host value are taken without one: AuxK runs when the last read
+found dead latents (masked to the ones dead now), inactive top-k slots are
+masked to zero instead of removed, and BatchTopK picks the batch's k·N largest
+from each token's 4k largest (a fixed-size selection, off the CPU; see `_batch_topk`).
 """
 
 from __future__ import annotations
@@ -18,9 +27,12 @@ from saelab.sae.jumprelu import JumpReLUFn, StepFn
 from saelab.train import losses
 from saelab.train.config import SAESpec, TrainConfig
 from saelab.train.distributed import SINGLE, Dist
-from saelab.train.sparse_ops import SparseCodes, SparseDecode, SparseEncodeGrad, topk_codes
+from saelab.train.sparse_ops import SparseCodes, SparseDecode, SparseEncodeGrad, topk_codes_masked
 
 TOPK_FAMILY = ("topk", "batchtopk")
+BATCHTOPK_CAP = 4  # a token holds at most this many times k of the batch's k·N codes
+EXACT_BATCHTOPK_ON_CPU = True  # tests turn it off to check the device path on the CPU
+STAT_KEYS = ("loss", "mse", "fvu", "l0", "auxk", "sparsity", "capped")
 
 
 def default_lr(spec: SAESpec) -> float:
@@ -38,14 +50,18 @@ class SAEObjective:
     """Parameters, Adam state and the loss of one SAE on one site."""
 
     def __init__(self, spec: SAESpec, d_in: int, cfg: TrainConfig, compute_dtype: torch.dtype,
-                 metadata: dict, sync: Dist = SINGLE):
+                 metadata: dict, sync: Dist = SINGLE, device: str | torch.device = "cpu"):
         self.spec, self.cfg, self.cdt, self.sync = spec, cfg, compute_dtype, sync
+        self.device = dev = torch.device(device)
+        # Initialised on the CPU from a CPU generator, then moved: the same initial
+        # weights on every device, so CPU and CUDA runs can be compared.
         gen = torch.Generator().manual_seed(cfg.seed + zlib_hash(spec.label))
         self.sae: SAE = build_sae(SAEConfig(
             spec.arch, d_in=d_in, d_sae=spec.width,
             k=spec.k if spec.arch in TOPK_FAMILY else None,
             apply_b_dec_to_input=spec.arch != "jumprelu", metadata=metadata), init=False)
         self.sae.reset_parameters_(generator=gen)
+        self.sae = self.sae.to(dev)
         self.sae.requires_grad_(False)
         params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
         if spec.arch == "jumprelu":
@@ -53,7 +69,7 @@ class SAEObjective:
             # exp(log θ), Adam moves log θ by ~lr per step, so a CPU-length run (a few
             # thousand steps at lr 2e-4) could never take θ from 1e-3 to the ~0.05 the
             # pre-activations need on unit-norm inputs.
-            self.threshold = torch.full((spec.width,), cfg.jumprelu_init_threshold)
+            self.threshold = torch.full((spec.width,), cfg.jumprelu_init_threshold, device=dev)
             params.append(self.threshold)
         for p in params:
             p.requires_grad_(True)
@@ -65,13 +81,46 @@ class SAEObjective:
         fused = all(p.device.type in ("cpu", "cuda") for p in params)
         self.opt = torch.optim.Adam(params, lr=self.lr, betas=(beta1, cfg.beta2),
                                     fused=fused, foreach=None if fused else True)
-        self.since_fired = torch.zeros(spec.width, dtype=torch.long)  # tokens since last firing
-        self.fire_count = torch.zeros(spec.width, dtype=torch.float64)  # firings, whole run
-        self.tokens_seen = torch.zeros((), dtype=torch.float64)
-        self.scale = torch.zeros(())  # input scale; 0 until the first batch sets it
-        self.batch_threshold = torch.zeros(())  # batchtopk: running inference threshold
+        self.since_fired = torch.zeros(spec.width, dtype=torch.long, device=dev)  # tokens since last firing
+        self.fire_count = torch.zeros(spec.width, dtype=torch.float64, device=dev)  # firings, whole run
+        self.tokens_seen = torch.zeros((), dtype=torch.float64, device=dev)
+        self.scale = torch.zeros((), device=dev)  # input scale; set by the first batch
+        self.batch_threshold = torch.zeros((), device=dev)  # batchtopk: running inference threshold
         self.step_i = 0
+        self.initialized = False  # host flag: whether `scale` was measured (no read-back)
+        self.exact_batchtopk = dev.type == "cpu" and EXACT_BATCHTOPK_ON_CPU  # see _batch_topk
+        self.any_dead = False  # host flag: dead latents at the last read (turns AuxK on)
+        self._stats = torch.zeros(len(STAT_KEYS), device=dev)  # sums since the last read
+        self._stat_steps = 0
+        self._lr = 0.0
         self._pre: Tensor | None = None  # the encoder's output buffer (see _encode_pre)
+
+    @staticmethod
+    def nbytes(spec: SAESpec, d_in: int, batch_size: int, compute_dtype: torch.dtype) -> int:
+        """Device bytes one objective needs: fp32 weights, their gradients and Adam's two
+        moments, counters, and the per-step scratch ([batch, width] encoder output in the
+        compute dtype, plus what the loss keeps for backward)."""
+        n_params = 2 * d_in * spec.width + spec.width + d_in
+        if spec.arch == "jumprelu":
+            n_params += spec.width
+        weights = 4 * 4 * n_params  # param, grad, exp_avg, exp_avg_sq
+        counters = spec.width * (8 + 8 + 8)
+        item = torch.finfo(compute_dtype).bits // 8
+        if spec.arch in TOPK_FAMILY:  # pre, the masked copy AuxK selects from, top-k scratch
+            scratch = batch_size * spec.width * (2 * item + 4) + batch_size * d_in * 4 * 8
+        else:  # dense autograd: pre, feats, their gradients and masks
+            scratch = batch_size * spec.width * 4 * 6 + batch_size * d_in * 4 * 8
+        return weights + counters + scratch
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor this objective holds (for tests and memory accounting)."""
+        out = {name: p for name, p in zip(("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
+                                           self.params, strict=False)}
+        out |= {n: t for n, t in self.state_tensors().items() if n not in ("step_i", "any_dead")}
+        out["stats"] = self._stats
+        if self._pre is not None:
+            out["pre"] = self._pre
+        return out
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, Tensor]:
@@ -84,7 +133,8 @@ class SAEObjective:
                     out[f"opt{i}.{key}"] = torch.as_tensor(st[key])
         out |= {"since_fired": self.since_fired, "fire_count": self.fire_count,
                 "tokens_seen": self.tokens_seen, "scale": self.scale,
-                "batch_threshold": self.batch_threshold, "step_i": torch.tensor(self.step_i)}
+                "batch_threshold": self.batch_threshold, "step_i": torch.tensor(self.step_i),
+                "any_dead": torch.tensor(self.any_dead)}
         return out
 
     def load_state_tensors(self, t: dict[str, Tensor]) -> None:
@@ -92,19 +142,24 @@ class SAEObjective:
             for i, p in enumerate(self.params):
                 p.copy_(t[f"p{i}"])
                 if f"opt{i}.exp_avg" in t:
-                    self.opt.state[p] = {k: t[f"opt{i}.{k}"].clone()
+                    # fused Adam keeps `step` on the parameters' device
+                    self.opt.state[p] = {k: t[f"opt{i}.{k}"].to(p.device, copy=True)
                                          for k in ("exp_avg", "exp_avg_sq", "step")}
-        self.since_fired = t["since_fired"].clone()
-        self.fire_count, self.tokens_seen = t["fire_count"].clone(), t["tokens_seen"].clone()
-        self.scale, self.batch_threshold = t["scale"].clone(), t["batch_threshold"].clone()
+        dev = self.device
+        self.since_fired = t["since_fired"].to(dev, copy=True)
+        self.fire_count, self.tokens_seen = t["fire_count"].to(dev, copy=True), t["tokens_seen"].to(dev, copy=True)
+        self.scale, self.batch_threshold = t["scale"].to(dev, copy=True), t["batch_threshold"].to(dev, copy=True)
         self.step_i = int(t["step_i"])
+        self.initialized = bool(self.scale.item() > 0)
+        self.any_dead = bool(t["any_dead"]) if "any_dead" in t else False
 
     @torch.no_grad()
     def init_from_batch(self, x: Tensor) -> None:
         """Measure the input scale and initialise b_dec from the first batch."""
         # Ranks hold equal shares of the global batch: the mean of their means is global.
-        sq_norm = self.sync.mean_(x.pow(2).sum(-1).mean())
+        sq_norm = self.sync.mean_(x.float().pow(2).sum(-1).mean())
         self.scale = (1 / sq_norm.clamp_min(1e-12)).sqrt()
+        self.initialized = True
         xs = x * self.scale
         if self.cfg.b_dec_init == "mean":
             self.sae.b_dec.copy_(self.sync.mean_(xs.mean(0)))
@@ -112,10 +167,12 @@ class SAEObjective:
             self.sae.b_dec.copy_(self.sync.mean_(losses.geometric_median(xs)))
 
     # ------------------------------------------------------------------ step
-    def train_step(self, x_raw: Tensor, steps: int) -> dict[str, float]:
-        if self.scale == 0:
+    def train_step(self, x_raw: Tensor, steps: int) -> None:
+        """One optimizer step on a batch [N, d_in] already on this objective's device.
+        Nothing is read back to the host (see `read_stats`)."""
+        if not self.initialized:
             self.init_from_batch(x_raw)
-        x = x_raw * self.scale
+        x = x_raw.float() * self.scale
         # a short run must not spend itself warming up: at most a tenth of it
         warmup = min(self.cfg.warmup_steps, max(1, steps // 10))
         lr = self.lr * losses.lr_factor(self.step_i, steps, warmup, self.cfg.decay_start)
@@ -123,9 +180,9 @@ class SAEObjective:
             group["lr"] = lr
         sparsity_w = losses.warmup_factor(self.step_i, steps, self.cfg.sparsity_warmup)
         if self.spec.arch in TOPK_FAMILY:
-            loss, stats, fired = self._topk_loss(x)
+            loss, stats, counts = self._topk_loss(x)
         else:
-            loss, stats, fired = self._dense_loss(x, sparsity_w)
+            loss, stats, counts = self._dense_loss(x, sparsity_w)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.sync.active:
@@ -135,24 +192,43 @@ class SAEObjective:
         if self.spec.arch != "relu":  # unit-norm decoder rows: drop the radial gradient
             self.sae.remove_parallel_grad_()
         self.opt.step()
-        if self.spec.arch != "relu":
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.spec.arch != "relu":
                 self.sae.W_dec.div_(self.sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        counts = self.sync.sum_(torch.bincount(fired, minlength=self.spec.width).double())
-        tokens = x.shape[0] * self.sync.world_size
-        self.since_fired += tokens
-        self.since_fired[counts > 0] = 0
-        self.fire_count += counts
-        self.tokens_seen += tokens
+            counts = self.sync.sum_(counts)
+            tokens = x.shape[0] * self.sync.world_size
+            self.since_fired += tokens
+            self.since_fired.masked_fill_(counts > 0, 0)
+            self.fire_count += counts
+            self.tokens_seen += tokens
+            zero = loss.new_zeros(())
+            self._stats += torch.stack([loss.detach().float()] + [
+                stats.get(key, zero).detach().float() for key in STAT_KEYS[1:]])
+        self._stat_steps += 1
+        self._lr = lr
         self.step_i += 1
-        stats |= {"loss": loss.item(), "lr": lr, "dead": self.dead_fraction()}
-        return stats
+
+    def read_stats(self) -> dict[str, float]:
+        """Means since the last read of loss, mse, fvu, l0 (and auxk, sparsity...), the
+        learning rate and the dead fraction; the only host read-back of training. Also
+        decides whether AuxK runs until the next read (when latents are dead)."""
+        values = (self._stats / max(self._stat_steps, 1)).tolist()
+        dead = self.dead_fraction()
+        self.any_dead = dead > 0
+        self._stats.zero_()
+        self._stat_steps = 0
+        keys = {"topk": ("mse", "fvu", "l0", "auxk"), "batchtopk": ("mse", "fvu", "l0", "auxk", "capped"),
+                "relu": ("mse", "fvu", "l0", "sparsity"), "jumprelu": ("mse", "fvu", "l0", "sparsity")}
+        named = dict(zip(STAT_KEYS, values, strict=True))
+        return {k: named[k] for k in keys[self.spec.arch]} | {
+            "loss": named["loss"], "lr": self._lr, "dead": dead}
 
     def log_sparsity(self) -> Tensor:
         """log10 firing frequency per feature over the run (SAELens' sparsity.safetensors)."""
-        return (self.fire_count / self.tokens_seen.clamp_min(1) + 1e-10).log10().float()
+        return (self.fire_count / self.tokens_seen.clamp_min(1) + 1e-10).log10().float().cpu()
 
     def dead_fraction(self) -> float:
+        """Fraction of latents silent for `dead_tokens` tokens (a host read-back)."""
         return (self.since_fired >= self.cfg.dead_tokens).float().mean().item()
 
     def _encode_pre(self, x: Tensor, subtract_b_dec: bool) -> tuple[Tensor, Tensor]:
@@ -171,41 +247,79 @@ class SAEObjective:
                               self.sae.W_enc.to(self.cdt), out=self._pre)  # (N, F)
         return xc, pre
 
+    def _batch_topk(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The batch's k·N largest pre-activations as fixed-size (rows, cols, keep), and the
+        fraction of tokens that filled their cap.
+
+        A fixed-size selection needs no host read-back (the exact candidate set of
+        sae.batch_topk has a data-dependent size): each token offers its 4k largest,
+        and the k·N largest of those N·4k win. That equals BatchTopK unless a token
+        would hold more than 4k codes; `capped` (in the stats) counts the tokens whose
+        every candidate won, the only ones that could have lost a code to the cap.
+        On the CPU a read-back costs nothing (no device queue to drain) and the exact
+        selection is faster there (576 vs 824 ms at 4096 x 4608, k 32, 2 loaded
+        cores: the per-token top-4k costs more than its nonzero), so it is kept.
+        """
+        n, width = pre.shape
+        if self.exact_batchtopk:
+            rows, cols, _ = self.sae.batch_topk(pre)
+            return rows, cols, torch.ones_like(rows, dtype=torch.bool), pre.new_zeros(
+                (), dtype=torch.float32)
+        cap = min(width, BATCHTOPK_CAP * self.spec.k)
+        cand_vals, cand_cols = pre.topk(cap, dim=-1, sorted=False)  # (N, cap)
+        win = cand_vals.reshape(-1).topk(self.spec.k * n, sorted=False).indices
+        win = win.sort().values  # rows ascending, as SparseCodes needs
+        rows = win // cap
+        cols = cand_cols.reshape(-1)[win]
+        keep = cand_vals.reshape(-1)[win] > 0  # ReLU: a non-positive winner is inactive
+        if cap < width:
+            per_row = torch.zeros(n, device=pre.device).index_add_(0, rows, keep.float())
+            capped = (per_row >= cap).float().mean()
+        else:
+            capped = pre.new_zeros((), dtype=torch.float32)
+        return rows, cols, keep, capped
+
     def _topk_loss(self, x: Tensor):
         sae, n = self.sae, x.shape[0]
         xc, pre = self._encode_pre(x, subtract_b_dec=True)
+        stats = {}
         if self.spec.arch == "batchtopk":
-            rows, cols, top = sae.batch_topk(pre)
-            kth = self.sync.mean_(top.min().float() if top.numel() else top.new_zeros((), dtype=torch.float32))
-            # Inference threshold: EMA of the batch's k·N-th value over a ~10-step window,
-            # short enough to track the encoder as it trains (a 0.99 EMA kept the early
-            # steps' values and gave half the intended L0 after a short run).
+            rows, cols, keep, stats["capped"] = self._batch_topk(pre)
             with torch.no_grad():
-                m = 0.9 if self.batch_threshold > 0 else 0.0
-                self.batch_threshold = m * self.batch_threshold + (1 - m) * kth
+                vals = pre.reshape(-1)[rows * pre.shape[1] + cols].float()
+                kth = torch.where(keep, vals, torch.inf).min()
+                kth = self.sync.mean_(torch.where(keep.any(), kth, 0.0))
+                # Inference threshold: EMA of the batch's k·N-th value over a ~10-step
+                # window, short enough to track the encoder as it trains (a 0.99 EMA kept
+                # the early steps' values and gave half the intended L0 after a short run).
+                bt = self.batch_threshold
+                self.batch_threshold = torch.where(bt > 0, 0.9 * bt + 0.1 * kth, kth)
         else:
-            rows, cols = topk_codes(pre, self.spec.k)
-        codes = SparseCodes(rows, cols, pre.shape)
+            rows, cols, keep = topk_codes_masked(pre, self.spec.k)
+        codes = SparseCodes(rows, cols, pre.shape, check=False)
+        keep_f = keep.to(torch.float32)
         vals = SparseEncodeGrad.apply(xc.detach(), sae.W_enc, sae.b_enc, pre, codes,
-                                      sae.b_dec)
+                                      sae.b_dec) * keep_f
         x_hat = SparseDecode.apply(codes, vals, sae.W_dec) + sae.b_dec
         loss = losses.mse(x_hat, x)
-        stats = {"mse": loss.item(), "fvu": losses.fvu(x_hat.detach(), x).item(),
-                 "l0": rows.numel() / n}
-        dead = self.since_fired >= self.cfg.dead_tokens
-        n_dead = int(dead.sum())
-        if n_dead and self.cfg.auxk_alpha > 0:  # AuxK: dead latents explain the residual
-            k_aux = min(x.shape[1] // 2, n_dead)
+        stats |= {"mse": loss, "fvu": losses.fvu(x_hat.detach(), x), "l0": keep_f.sum() / n}
+        if self.any_dead and self.cfg.auxk_alpha > 0:  # AuxK: dead latents explain the residual
+            dead = self.since_fired >= self.cfg.dead_tokens
+            # k_aux = min(d_in / 2, dead latents), as a fixed-size top-k over the dead ones
+            # (the live ones masked to -inf, so they never win: `akeep` drops them)
+            k_aux = min(x.shape[1] // 2, self.spec.width)
             masked = pre.masked_fill(~dead, -torch.inf)
-            arows, acols = topk_codes(masked, k_aux)
-            acodes = SparseCodes(arows, acols, pre.shape)
+            arows, acols, akeep = topk_codes_masked(masked, k_aux)
+            acodes = SparseCodes(arows, acols, pre.shape, check=False)
             avals = SparseEncodeGrad.apply(xc.detach(), sae.W_enc, sae.b_enc, pre, acodes,
-                                           sae.b_dec)
+                                           sae.b_dec) * akeep.to(torch.float32)
             recon = SparseDecode.apply(acodes, avals, sae.W_dec)
-            aux = losses.auxk((x - x_hat).detach(), recon)
+            aux = losses.auxk((x - x_hat).detach(), recon) * dead.any()
             loss = loss + self.cfg.auxk_alpha * aux
-            stats["auxk"] = aux.item()
-        return loss, stats, cols
+            stats["auxk"] = aux
+        counts = torch.zeros(self.spec.width, dtype=torch.float64, device=x.device)
+        counts.index_add_(0, cols, keep.to(torch.float64))
+        return loss, stats, counts
 
     def _dense_loss(self, x: Tensor, sparsity_w: float):
         sae = self.sae
@@ -222,10 +336,11 @@ class SAEObjective:
         x_hat = feats @ sae.W_dec + sae.b_dec
         recon = losses.mse(x_hat, x)
         loss = recon + sparsity_w * penalty
-        fired = (feats > 0).nonzero()[:, 1]  # one entry per firing
-        stats = {"mse": recon.item(), "fvu": losses.fvu(x_hat.detach(), x).item(),
-                 "l0": (feats > 0).sum(-1).float().mean().item(), "sparsity": penalty.item()}
-        return loss, stats, fired
+        active = (feats.detach() > 0)
+        counts = active.sum(0).double()  # firings per latent
+        stats = {"mse": recon, "fvu": losses.fvu(x_hat.detach(), x),
+                 "l0": active.sum(-1).float().mean(), "sparsity": penalty}
+        return loss, stats, counts
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
@@ -233,12 +348,12 @@ class SAEObjective:
         """The trained SAE in fp32, taking raw activations (scale folded in)."""
         sae = build_sae(self.sae.cfg.with_metadata(**metadata), init=False)
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-            getattr(sae, name).copy_(getattr(self.sae, name))
+            getattr(sae, name).copy_(getattr(self.sae, name).cpu())
         if self.spec.arch == "jumprelu":
-            sae._set_threshold_(self.threshold.clamp(min=0))
+            sae._set_threshold_(self.threshold.clamp(min=0).cpu())
         if self.spec.arch == "batchtopk":
             sae.threshold.fill_(float(self.batch_threshold))
-        sae.fold_scale_(self.scale)
+        sae.fold_scale_(self.scale.cpu())
         return sae.for_export()
 
 

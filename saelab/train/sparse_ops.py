@@ -75,8 +75,9 @@ class SparseCodes:
     CSR of the transpose, needed by dW_enc and dW_dec) is done once.
     """
 
-    def __init__(self, rows: Tensor, cols: Tensor, shape: tuple[int, int]):
-        if rows.numel() > 1 and bool((rows[1:] < rows[:-1]).any()):
+    def __init__(self, rows: Tensor, cols: Tensor, shape: tuple[int, int], check: bool = True):
+        # the order check reads a value back; training builds rows in order and skips it
+        if check and rows.numel() > 1 and bool((rows[1:] < rows[:-1]).any()):
             raise ValueError("SparseCodes: rows must be in ascending order")
         self.rows, self.cols, self.shape = rows, cols, shape
         self.row_starts = _segment_starts(rows, shape[0])
@@ -92,14 +93,27 @@ class SparseCodes:
         """⟨a[rows[j]], b[cols[j]]⟩ for each entry j, without gathering [nnz, D] rows:
         sampled_addmm computes (a · bᵀ) only at the CSR pattern."""
         if a.device.type != "cpu":  # sampled_addmm is measured and tested on CPU only
-            # (cuSPARSE's SDDMM may want sorted columns per row): the plain gather there
-            return (a[self.rows] * b[self.cols]).sum(-1)
+            # (cuSPARSE's SDDMM may want sorted columns per row): gathers there
+            return gather_dot(self.rows, self.cols, a, b)
         with warnings.catch_warnings():  # "CSR support is in beta", printed once per process
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
             pattern = torch.sparse_csr_tensor(self.row_starts, self.cols,
                                               a.new_zeros(len(self.cols)), self.shape,
                                               check_invariants=False)
         return torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values()
+
+
+def gather_dot(rows: Tensor, cols: Tensor, a: Tensor, b: Tensor,
+               slice_elements: int = 1 << 26) -> Tensor:
+    """⟨a[rows[j]], b[cols[j]]⟩ for each j [nnz], by gathers in slices of at most
+    `slice_elements` values, so no [nnz, D] temporary is formed (it would be 4.8 GB at
+    8192 tokens x k 64 x 2304). A Python loop over a few slices, not over entries."""
+    out = a.new_empty(len(rows))
+    step = max(1, slice_elements // max(1, a.shape[1]))
+    for i in range(0, len(rows), step):
+        out[i:i + step] = (a.index_select(0, rows[i:i + step])
+                           * b.index_select(0, cols[i:i + step])).sum(-1)
+    return out
 
 
 class SparseEncodeGrad(torch.autograd.Function):
@@ -165,6 +179,16 @@ class SparseDecode(torch.autograd.Function):
             grad_W_dec = _segment_sum(rows_by_col, grad_out, col_starts,
                                       vals[perm].to(grad_out.dtype))
         return None, grad_vals, grad_W_dec
+
+
+def topk_codes_masked(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, cols, keep) of each row's k largest pre-activations, k per row, rows
+    ascending; keep [N·k] is False where the value is not positive (ReLU after top-k).
+    Fixed size, so no value is read back to the host: multiply the gathered values by
+    `keep` instead of removing the inactive entries."""
+    vals, cols = pre.topk(k, dim=-1, sorted=False)  # (N, k)
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+    return rows, cols.flatten(), vals.flatten() > 0
 
 
 def topk_codes(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
