@@ -17,7 +17,6 @@ its home module (listed in `_EXPORTS`).
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -73,7 +72,7 @@ _ALIASES = {"train_saes": "train"}
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     home = _EXPORTS.get(name)
     if home is None:
         raise AttributeError(f"module 'saelab' has no attribute {name!r}")
@@ -85,25 +84,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
 
-
-if TYPE_CHECKING:  # for editors and type checkers; never runs
-    from saelab.attribution.attribute import attribute
-    from saelab.attribution.metrics import parse_metric
-    from saelab.attribution.verify import verify
-    from saelab.data.corpus import load_corpus
-    from saelab.data.harvest import HarvestConfig, harvest
-    from saelab.data.store import ActivationStore
-    from saelab.data.tokens import chat_prompt, pack, tokenize
-    from saelab.evals.dictionaries import compare
-    from saelab.evals.run import EvalConfig, evaluate
-    from saelab.features.index import FeatureIndex
-    from saelab.interventions.edits import FeatureEdit, PatchEdit, SteerEdit, steer_feature
-    from saelab.interventions.generate import generate
-    from saelab.interventions.splice import splice
-    from saelab.models.hooks import capture, patch
-    from saelab.models.load import LM, load_model
-    from saelab.models.sites import resolve_sites
-    from saelab.sae.base import SAE
-    from saelab.sae.formats import load_sae, save_sae
-    from saelab.train.config import SAESpec, TrainConfig
-    from saelab.train.trainer import train as train_saes
