@@ -8,9 +8,11 @@ their feature indexes; `.venv/bin/saelab`, `.venv/bin/python` and
 `.venv/bin/activate` stand for the venv `make` builds and run this checkout.
 `my_text.txt` stands for the reader's own text.
 
-What is changed before running: token counts (`--tokens N`, `--sae-tokens N`,
-`tokens=N`) are capped at TOKEN_CAP so the whole file runs in a few minutes on a
-2-core CPU. Flags, paths and APIs run exactly as written. A block may be skipped
+What is changed before running, so the whole file runs in minutes on a 2-core
+CPU: token counts (`--tokens N`, `--sae-tokens N`, `tokens=N`) are capped at
+TOKEN_CAP (TRAIN_TOKEN_CAP for `saelab train`, whose default batch is 4,096
+tokens), and the features given a token ablation (`--ablate N` of `saelab
+features`, `ablate=N`) at ABLATE_CAP. Flags, paths and APIs run exactly as written. A block may be skipped
 only with `<!-- readme-test: skip (reason) -->` on the line before it (the demo
 itself, servers, downloads, multi-process runs, studies that take minutes).
 """
@@ -30,7 +32,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-TOKEN_CAP = 4096
+TOKEN_CAP = 2048
+TRAIN_TOKEN_CAP = 4096
+ABLATE_CAP = 8
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s*\((.+?)\)\s*-->")
 FENCE = re.compile(r"^```(\w*)\s*$")
 
@@ -65,11 +69,26 @@ def examples(text: str) -> list[Example]:
     return found
 
 
-def cap_tokens(code: str) -> str:
-    def cap(m: re.Match) -> str:
-        return m.group(1) + str(min(int(m.group(2).replace("_", "")), TOKEN_CAP))
+def cap_sizes(code: str) -> str:
+    """`code` with its sizes capped (see the module doc), one command (a line with its
+    backslash continuations) at a time."""
+    def capped(line: str) -> str:
+        tokens = TRAIN_TOKEN_CAP if re.search(r"\bsaelab train\b", line) else TOKEN_CAP
+        line = re.sub(r"(--(?:sae-)?tokens[ =]|\btokens=)(\d[\d_]*)",
+                      lambda m: m.group(1) + str(min(_int(m.group(2)), tokens)), line)
+        if re.search(r"\bsaelab features\b|IndexConfig\(", line):
+            line = re.sub(r"(--ablate[ =]|\bablate=)(\d[\d_]*)",
+                          lambda m: m.group(1) + str(min(_int(m.group(2)), ABLATE_CAP)), line)
+            if "--ablate" not in line and "ablate=" not in line:  # the default is larger
+                line = (line.replace("IndexConfig(", f"IndexConfig(ablate={ABLATE_CAP}, ", 1)
+                        if "IndexConfig(" in line else f"{line.rstrip()} --ablate {ABLATE_CAP}")
+        return line
 
-    return re.sub(r"(--(?:sae-)?tokens[ =]|\btokens=)(\d[\d_]*)", cap, code)
+    return "\n".join(capped(line) for line in re.split(r"(?<!\\)\n", code))
+
+
+def _int(text: str) -> int:
+    return int(text.replace("_", ""))
 
 
 EXAMPLES = examples(README.read_text(encoding="utf-8"))
@@ -89,9 +108,13 @@ def test_extraction_and_capping():
     found = examples(text)
     assert [(e.lang, e.line, e.skip) for e in found] == [("bash", 2, None),
                                                         ("python", 7, "takes an hour")]
-    assert cap_tokens(found[0].code) == f"saelab a --tokens {TOKEN_CAP}\n"
-    assert cap_tokens("IndexConfig(tokens=50_000, x=1) --sae-tokens 10") == (
-        f"IndexConfig(tokens={TOKEN_CAP}, x=1) --sae-tokens 10")
+    assert cap_sizes(found[0].code) == f"saelab a --tokens {TOKEN_CAP}\n"
+    assert cap_sizes("x --sae-tokens 10\nsaelab train --k 3 \\\n  --tokens 9000000 --out a\n") == (
+        f"x --sae-tokens 10\nsaelab train --k 3 \\\n  --tokens {TRAIN_TOKEN_CAP} --out a\n")
+    assert cap_sizes("build(lm, IndexConfig(tokens=50_000))") == (
+        f"build(lm, IndexConfig(ablate={ABLATE_CAP}, tokens={TOKEN_CAP}))")
+    assert cap_sizes("saelab features S --tokens 5 \\\n --out o\nsaelab study --ablate 5") == (
+        f"saelab features S --tokens 5 \\\n --out o --ablate {ABLATE_CAP}\nsaelab study --ablate 5")
 
 
 def _shim(path: Path, body: str) -> None:
@@ -136,7 +159,7 @@ def test_readme_example(example: Example, demo_folder):
     if example.skip:
         pytest.skip(example.skip)
     root, env = demo_folder
-    code = cap_tokens(example.code)
+    code = cap_sizes(example.code)
     cmd = (["bash", "-e", "-o", "pipefail", "-c", code] if example.lang == "bash"
            else [sys.executable, "-c", code])
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
