@@ -123,3 +123,21 @@ def test_corpus_and_builtin_are_not_a_circle():
     assert not any(m.startswith("saelab.data.corpus") for m in builtin)
     # And builtin stays free of heavy imports: it is read by `saelab.data.corpus` at import.
     assert not any(m.split(".")[0] in ("torch", "numpy", "transformers") for m in builtin)
+
+
+def test_the_demo_hint_names_a_command_that_runs(tmp_path, monkeypatch):
+    """After `make demo` the venv is not active: the hint must not say a bare `saelab`."""
+    from saelab.console import saelab_command
+
+    script = tmp_path / ".venv" / "bin" / "saelab"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [".venv/bin/saelab", "demo"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert saelab_command() == ".venv/bin/saelab"
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")  # activated
+    assert saelab_command() == "saelab"
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "__main__.py"), "demo"])  # python -m saelab
+    assert saelab_command().endswith(" -m saelab")

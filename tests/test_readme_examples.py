@@ -149,7 +149,6 @@ def demo_folder(tmp_path_factory, embedded_lm) -> tuple[Path, dict]:
     (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "SAELAB_THREADS": os.environ.get("SAELAB_THREADS", "1"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return root, env
 
