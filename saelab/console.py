@@ -124,3 +124,29 @@ def _command_name(fn) -> str:
 def escape(text: str) -> str:
     """Model text is printed literally: rich markup in it must not be interpreted."""
     return _markup_escape(text)
+
+
+def saelab_command() -> str:
+    """How to run saelab again from the user's shell, for hints such as "browse: X serve DIR".
+
+    `saelab` when that is on PATH and is the script running now; else the script's path
+    (`.venv/bin/saelab` after `make demo`, which does not activate the venv); else
+    `python -m saelab` with this interpreter (run as a module, or under a test runner).
+    """
+    import os
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    def shown(path: Path) -> str:
+        rel = os.path.relpath(path)
+        return shlex.quote(path.as_posix() if rel.startswith("..") else
+                           rel if os.sep in rel else f".{os.sep}{rel}")
+
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is not None and script.name == "saelab" and script.is_file():
+        found = shutil.which("saelab")
+        if found and Path(found).resolve() == script.resolve():
+            return "saelab"
+        return shown(script.absolute())
+    return f"{shown(Path(sys.executable))} -m saelab"

@@ -57,7 +57,6 @@ from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 
-from saelab.data.corpus import Corpus
 from saelab.errors import SaelabError
 
 log = logging.getLogger(__name__)
@@ -97,21 +96,25 @@ _FORMAT = 1  # of the cache file
 _KEEP_BUILDS = 3  # cache files kept per variant
 
 
-def builtin_corpus(variant: str = "builtin") -> Corpus:
-    """`builtin` (big, the default) or `builtin:stdlib`; see the module docstring.
-    Nothing is read until the corpus is first iterated."""
+def check_variant(variant: str) -> str:
+    """`variant` if it is `builtin` or `builtin:stdlib`; otherwise SaelabError."""
     if variant not in VARIANTS:
         raise SaelabError(
             f"unknown builtin corpus {variant!r}; expected one of {', '.join(VARIANTS)}."
         )
-    return Corpus(variant, "builtin", lambda: _load(variant)[0])
+    return variant
+
+
+def builtin_documents(variant: str = "builtin") -> tuple[str, ...]:
+    """The documents of `builtin` (big, the default) or `builtin:stdlib`, built once and
+    cached; see the module docstring. `load_corpus("builtin")` wraps them in a Corpus."""
+    return _load(check_variant(variant))[0]
 
 
 def builtin_manifest(variant: str = "builtin") -> dict:
     """Where the documents came from: the environment fingerprint (Python and package
     versions) and, per source, its version, documents and characters."""
-    builtin_corpus(variant)  # validates the name
-    return _load(variant)[1]
+    return _load(check_variant(variant))[1]
 
 
 # ---------------------------------------------------------------- cache

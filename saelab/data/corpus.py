@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from saelab.data.builtin import builtin_documents, check_variant
 from saelab.errors import CorruptFileError, OfflineError, SaelabError
 
 FILE_KINDS = (".txt", ".jsonl", ".parquet")
@@ -105,9 +106,9 @@ def load_corpus(
     """Open a corpus by spec (see the module docstring). `split` is for hub datasets."""
     s = os.fspath(spec).strip()
     if s == "builtin" or s.startswith("builtin:"):
-        from saelab.data.builtin import builtin_corpus  # it imports this module
-
-        return builtin_corpus(s)
+        variant = check_variant(s)
+        # Nothing is read (or built) until the corpus is first iterated.
+        return Corpus(variant, "builtin", lambda: builtin_documents(variant))
     if s.startswith("hf:"):
         name, _, config = s[3:].partition(":")
         return _hf_corpus(name, config or None, split, text_field)

@@ -241,11 +241,61 @@ def encode_prompts(
     do, would otherwise get two). The tokenizer is not modified; a missing pad
     token is taken from `pad_id`. Left padding shifts positions: pass
     `position_ids(attention_mask)` to a plain forward (generate() does this itself).
+    `tokenize` is the public form, which also puts BOS first as packed contexts do.
     """
-    if pad_side not in ("left", "right"):
-        raise ValueError(f"encode_prompts: pad_side={pad_side!r}; expected 'left' or 'right'.")
+    return _pad(tokenizer, _encode_texts(tokenizer, texts, "encode_prompts"), pad_side)
+
+
+class Tokenized(NamedTuple):
+    """Prompts as one padded batch; unpacks as `ids, attention_mask, keep = tokenize(...)`."""
+
+    input_ids: TokenIds
+    """(batch, pos) int64 token ids; every row opens with BOS when the tokenizer has one."""
+    attention_mask: Int[Tensor, "batch pos"]
+    """(batch, pos) int64: 1 at tokens, 0 at padding."""
+    keep: TokenMask
+    """(batch, pos) bool: True at text tokens, False at padding and special tokens (BOS, chat
+    markers): the positions SAE training, metrics and dashboards count."""
+
+
+def tokenize(
+    lm_or_tokenizer, texts: str | Sequence[str], *, chat: bool = False, pad_side: str = "right"
+) -> Tokenized:
+    """Texts as the model sees them everywhere in saelab: BOS first, specials masked.
+
+    lm_or_tokenizer: an `LM` (from `load_model`) or a Hugging Face tokenizer.
+    texts: one text or a list; with `chat`, each becomes the user turn of the chat
+        template, up to the assistant's turn (`chat_prompt`).
+    pad_side: "right" (default) keeps positions 0.. for a plain forward; with "left",
+        pass `position_ids(attention_mask)` too.
+
+    BOS is put first whenever the tokenizer has one, even if it does not add it
+    itself (SmolLM2, Qwen2), as every packed context does (see the module doc):
+    without it the first word becomes the attention sink, with a residual norm
+    ~150x the others, and an SAE fires hundreds of features there. Raises
+    ValueError for an empty list, SaelabError for `chat` without a chat template.
+
+    >>> ids, mask, keep = tokenize(lm, ["The river flows"])
+    >>> ids[0, 0] == lm.tokenizer.bos_token_id, keep[0, 0]
+    (tensor(True), tensor(False))
+    """
+    tokenizer = getattr(lm_or_tokenizer, "tokenizer", lm_or_tokenizer)
+    if isinstance(texts, str):
+        texts = [texts]
+    if chat:
+        texts = [chat_prompt(tokenizer, t) for t in texts]
+    rows = _encode_texts(tokenizer, texts, "tokenize")
+    bos = context_bos_id(tokenizer)
+    if bos is not None:
+        rows = [row if row[:1] == [bos] else [bos, *row] for row in rows]
+    ids, mask = _pad(tokenizer, rows, pad_side)
+    return Tokenized(ids, mask, mask.bool() & ~special_token_mask(ids, tokenizer))
+
+
+def _encode_texts(tokenizer, texts: Sequence[str], caller: str) -> list[list[int]]:
+    """Token ids per text, special tokens added as the tokenizer does (BOS once at most)."""
     if isinstance(texts, str) or not texts:
-        raise ValueError("encode_prompts: texts must be a non-empty list of strings.")
+        raise ValueError(f"{caller}: texts must be a non-empty list of strings.")
     bos_text = tokenizer.bos_token
     encoded: list[list[int]] = [[] for _ in texts]
     for add_special in (True, False):
@@ -256,13 +306,19 @@ def encode_prompts(
                             return_attention_mask=False)["input_ids"]
             for i, ids in zip(where, enc, strict=True):
                 encoded[i] = ids
-    width = max(len(ids) for ids in encoded)
-    ids = torch.full((len(texts), width), pad_id(tokenizer), dtype=torch.int64)
-    mask = torch.zeros((len(texts), width), dtype=torch.int64)
-    for row, seq in enumerate(encoded):
+    return encoded
+
+
+def _pad(tokenizer, rows: list[list[int]], pad_side: str) -> tuple[TokenIds, Int[Tensor, "batch pos"]]:
+    if pad_side not in ("left", "right"):
+        raise ValueError(f"pad_side={pad_side!r}; expected 'left' or 'right'.")
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for i, seq in enumerate(rows):
         cols = slice(width - len(seq), width) if pad_side == "left" else slice(0, len(seq))
-        ids[row, cols] = torch.tensor(seq, dtype=torch.int64)
-        mask[row, cols] = 1
+        ids[i, cols] = torch.tensor(seq, dtype=torch.int64)
+        mask[i, cols] = 1
     return ids, mask
 
 

@@ -26,7 +26,7 @@ def print_summary(results: dict, out: Path) -> None:
     """The short table the demo ends with: the template contrast, then one row per SAE."""
     from rich.table import Table
 
-    from saelab.console import console
+    from saelab.console import console, saelab_command
 
     def num(stat: dict | None, digits: int = 2) -> str:
         if not stat or stat.get("mean") is None:
@@ -50,7 +50,7 @@ def print_summary(results: dict, out: Path) -> None:
     console.print(table)
     times = ", ".join(f"{k} {v:.0f}s" for k, v in results["seconds"].items())
     console.print(f"time: {times}")
-    console.print(f"report: {out / 'report.html'}   browse features: saelab serve {out}")
+    console.print(f"report: {out / 'report.html'}   browse features: {saelab_command()} serve {out}")
 
 
 def register(study_app: typer.Typer) -> None:
