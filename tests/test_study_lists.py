@@ -395,3 +395,13 @@ def test_embedded_model_quick_path(tmp_path):
     entry = results["saes"]["resid_post.12"]
     assert entry["ablation"]["top"]["n_items"]["n"] >= 1
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_the_closing_summary_prints_from_a_real_run(tiny_run, capsys):
+    from saelab.studies.lists_commands import print_summary
+
+    _, out, results = tiny_run
+    print_summary(results, out)
+    err = capsys.readouterr().err
+    assert f"{results['dataset']['n']} lists; items per list: short" in err
+    assert "distinct" in err and "capped" in err and "resid_post.0" in err and "report:" in err
