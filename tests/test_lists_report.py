@@ -217,7 +217,7 @@ def test_report_is_escaped_and_complete(tmp_path):
     assert "s: not effective" in summary
     assert "distinct items by 0.75 [0.25, 1.25]" in summary and "item count by 1.5 [-0.1, 0.9]" in summary
     assert "1 control, 4 top-N, 2 random-N of 6" in summary
-    assert "f123, fires on 4.9% of the lists&#x27; tokens (25.0% of the corpus" in summary
+    assert "f123, fires on 4.9% of the lists&#x27; tokens and on 25.0% of the corpus tokens" in summary
     assert "more than 10.0% of the lists" in summary
     assert "2 of 5 pairs hold a list cut off" in summary
     assert 'href="features_lists/s/dashboard.html#f123"' in html

@@ -117,6 +117,7 @@ def ablate_dataset(sm: StudyModel, cfg: ListsConfig, dataset: list[dict], saes: 
             log.append(_regenerate(sm, cfg, chunk, prefixes, edits, site, saes, name, condition, chosen))
             done += len(chunk)
             update(done)
+    update(done)  # a resumed run with nothing left still closes the stage
     return log
 
 

@@ -95,7 +95,8 @@ def _summary(results: Mapping) -> Markup:
                     f"{fmt(caps.get('control'))} control, {fmt(caps.get('top'))} top-N, "
                     f"{fmt(caps.get('random'))} random-N of {fmt(ab.get('n_examples'))}"
                     if caps else "")
-        lines.append(f"{name}: {verdict}. Zeroing the top-{fmt(ab.get('top_n'))} attributed pairs "
+        sure = " (its 95% interval excludes 0)" if v.get("ci_excludes_zero") else ""
+        lines.append(f"{name}: {verdict}{sure}. Zeroing the top-{fmt(ab.get('top_n'))} attributed pairs "
                      f"changed the distinct items by {_mean_ci(top.get('distinct_items'))} "
                      f"(random-N: {_mean_ci(rand.get('distinct_items'))}) and the item count by "
                      f"{_mean_ci(top.get('n_items'))}{cap_text}.")
@@ -104,7 +105,7 @@ def _summary(results: Mapping) -> Markup:
             f = feats[0]
             lines.append(f"{name}: its most attributed feature, f{f.get('feature')}, fires on "
                          f"{_pct(f.get('density'))} of the lists' tokens"
-                         + (f" ({_pct(f.get('corpus_density'))} of the corpus')"
+                         + (f" and on {_pct(f.get('corpus_density'))} of the corpus tokens"
                             if f.get("corpus_density") is not None else "") + ".")
     if cfg.get("max_density") is not None:
         lines.append(f"Features firing on more than {_pct(cfg['max_density'])} of the lists' tokens "
