@@ -14,6 +14,7 @@ from saelab.studies.lists_data import (
     TEMPLATES,
     TOPICS,
     StudyInputError,
+    distinct_items,
     entropy,
     list_prompts,
     metric_tokens,
@@ -149,6 +150,12 @@ def test_list_prompts_cover_every_topic_template_sample():
 def test_a_base_model_is_refused_clearly():
     with pytest.raises(Exception, match="no chat template"):
         list_prompts(char_tokenizer(), ["Fruits"], TEMPLATES, 1)
+
+
+def test_distinct_items_counts_a_repeat_once():
+    assert distinct_items([]) == 0
+    assert distinct_items(["Andes"] * 30) == 1
+    assert distinct_items(["Andes", " andes ", "Alps", "ALPS", "Urals"]) == 3
 
 
 def test_entropy():

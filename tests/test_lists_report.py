@@ -14,11 +14,10 @@ from saelab.studies.lists_maps import (
     attribution_matrix,
     cluster_order,
     clustered_heatmap,
+    feature_density,
     feature_matrix,
     minmax_rows,
     top_features,
-    topic_heatmap,
-    topic_presence,
 )
 from saelab.studies.lists_report import render_report, write_report
 
@@ -83,6 +82,17 @@ def test_top_features_counts_examples_then_sums(attr):
     assert top_features(attr, site, 1, skip_first=0) == [(1, 1, 5.0), (3, 1, 4.0), (2, 1, 2.0)]
     assert top_features(attr, site, 2, limit=1)[0][0] == 1
     assert top_features(attr, site, 1, skip_first=10) == []
+    # dense features left out before ranking: without f1, k=2 keeps f3 (example 0) and f2 (example 1)
+    assert top_features(attr, site, 2, exclude={1}) == [(3, 1, 3.0), (2, 1, 2.0)]
+
+
+def test_feature_density_is_the_firing_fraction_after_skip(attr):
+    # 3 examples x 4 tokens; positions >= 1: 9. f1 at (0,1) (0,2) (1,3); f2 at (0,1) (1,1);
+    # f3 at (0,2) only (its (2,0) is position 0)
+    np.testing.assert_allclose(feature_density(attr, "resid_post.1"),
+                               [0, 3 / 9, 2 / 9, 1 / 9, 0, 0, 0, 0])
+    np.testing.assert_allclose(feature_density(attr, "resid_post.1", skip_first=0)[[1, 3]],
+                               [4 / 12, 2 / 12])
 
 
 def test_minmax_rows():
@@ -126,18 +136,9 @@ def test_heatmaps_are_pngs(shape):
     feats = [f"f{i}" for i in range(shape[0])]
     examples = [f"{EVIL} #{i}" for i in range(shape[1])]
     groups = [("short", "long", "plain")[i % 3] for i in range(shape[1])]
-    topics = [f"topic {i % 4}" for i in range(shape[1])]
     assert clustered_heatmap(m, feats, examples, groups, title=EVIL).startswith(PNG_MAGIC)
-    assert topic_heatmap(m, feats, topics, title="t").startswith(PNG_MAGIC)
     with pytest.raises(ValueError, match="expected"):
         clustered_heatmap(m, feats[:-1] or ["x", "y"], examples, groups, title="t")
-
-
-def test_topic_presence():
-    m = np.array([[1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 3.0]])
-    topics, p = topic_presence(m, ["b", "a", "b", "a"])
-    assert topics == ["b", "a"]
-    np.testing.assert_allclose(p, [[1.0, 0.0], [0.0, 0.5]])
 
 
 # ---------------------------------------------------------------- report
@@ -152,39 +153,48 @@ def _results(out) -> dict:
     m = np.random.default_rng(0).random((4, 6))
     (out / "maps" / "s_clustered.png").write_bytes(
         clustered_heatmap(m, list("abcd"), list("uvwxyz"), ["short", "long"] * 3, title="c"))
-    (out / "maps" / "s_topics.png").write_bytes(topic_heatmap(m, list("abcd"), [EVIL] * 6, title="t"))
-    cond = {"n_items": _stat(1.5), "diversity": _stat(0.2, var=None, ci=None, n=1),
-            "embed_diversity": None}
+    cond = {"n_items": _stat(1.5), "distinct_items": _stat(0.75, ci=(0.25, 1.25)),
+            "diversity": _stat(0.2, var=None, ci=None, n=1), "embed_diversity": None}
     return {
         "model": "smollm2-135m-instruct", "preset": "quick", "out": str(out),
-        "config": {"topics": [EVIL], "samples": 2},
+        "config": {"topics": [EVIL], "samples": 2, "max_density": 0.1},
         "seconds": {"dataset": 1.5, "attribution": 3.0},
         "dataset": {"n": 6, "samples": 1,
                     "templates": {"short": _stat(3.0), "long": _stat(7.0), "plain": _stat(float("nan"))},
-                    "contrast": {"name": "long - short", **_stat(4.0)},
+                    "distinct": {"short": _stat(2.5), "long": _stat(4.0)},
+                    "caps": {"short": {"lists": 2, "cap_hits": 0, "token_limit": 100},
+                             "long": {"lists": 2, "cap_hits": 2, "token_limit": 300}},
+                    "contrast": {"name": "long - short", **_stat(4.0), "distinct": _stat(1.5),
+                                 "censored_pairs": 2, "uncensored": _stat(None, ci=None, n=0)},
                     "endings": {"short": {"end_of_turn": 2, "length": 0}, "long": {"end_of_turn": 1}}},
         "metric": {"name": "end_of_turn", "reason": "no whitespace token before line breaks",
                    "tokens": {"whitespace": None, "line_break": "'\\n'", "end_of_turn": "'<|im_end|>'"},
                    "values": {"end_of_turn": {"mean": 1.2, "ci95": [1.0, 1.4], "n": 6}}},
         "saes": {"s": {
             "site": "resid_post.1", "path": "/tmp/sae", "dashboard": "features/s/dashboard.html",
+            "lists_dashboard": "features_lists/s/dashboard.html",
+            "density": {"max_density": 0.1, "excluded": 3, "positions": "..."},
             "error_share": {"mean": 0.3, "ci95": [0.2, 0.4]},
-            "top_features": [{"feature": 123, "examples": 4, "attribution": 2.5,
-                              "dashboard": "features/s/dashboard.html#f123"},
+            "top_features": [{"feature": 123, "examples": 4, "attribution": 2.5, "density": 0.049,
+                              "corpus_density": 0.25,
+                              "dashboard": "features/s/dashboard.html#f123",
+                              "lists_dashboard": "features_lists/s/dashboard.html#f123"},
                              {"feature": 9, "examples": 1, "attribution": 0.1,
                               "dashboard": "javascript:alert(1)"}],
-            "maps": {"clustered": "maps/s_clustered.png", "topics": "maps/s_topics.png"},
-            "ablation": {"n_examples": 6, "top_n": 5, "every_step": False, "top": cond, "random": cond},
+            "maps": {"clustered": "maps/s_clustered.png"},
+            "ablation": {"n_examples": 6, "top_n": 5, "every_step": False, "token_limit": 100,
+                         "cap_hits": {"control": 1, "top": 4, "random": 2}, "top": cond, "random": cond},
             "per_topic": {EVIL: {"top": cond, "random": cond}},
-            "verdict": {"effective": True, "rule": "mean >= 1", "mean_delta_items": 1.5,
+            "verdict": {"effective": False, "rule": "mean Δdistinct >= 1", "mean_delta_items": 1.5,
+                        "mean_delta_distinct": 0.75,
                         "ci_excludes_zero": False, "beats_random": True}}},
         "examples": [{"sae": "s", "example": 0, "topic": EVIL, "template": "short",
                       "control": ["Paris", EVIL], "top": ["Paris", "Rome", "Oslo"], "random": []}],
     }
 
 
-HEADINGS = ("Run", "Dataset", "Metric", "SAE s", "Per-topic effects", "Example lists",
-            "Feature browser")
+HEADINGS = ("Summary", "Dataset", "Metric", "SAE s", "Example lists", "Per-topic effects",
+            "Feature browser", "Run")  # in this order: the finding first, timings and settings last
 
 
 def test_report_is_escaped_and_complete(tmp_path):
@@ -194,27 +204,39 @@ def test_report_is_escaped_and_complete(tmp_path):
     html = path.read_text(encoding="utf-8")
     assert "<script" not in html.lower()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    for heading in HEADINGS:
-        assert f"<h2>{heading}</h2>" in html
+    assert re.findall(r"<h2>(.*?)</h2>", html) == list(HEADINGS)
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
-    assert len(images) == 3  # items per template, clustered map, topic map
+    assert len(images) == 2  # items per template, clustered map (the flat topic map is gone)
     assert all(base64.b64decode(b).startswith(PNG_MAGIC) for b in images)
     assert 'href="features/s/dashboard.html#f123"' in html
     assert "javascript:" not in html  # a non-relative link is shown as text only
     assert "Paris<br>&lt;script&gt;" in html and "Paris<br>Rome<br>Oslo" in html
     assert "saelab serve" in html
+    summary = html.split("<h2>Summary</h2>")[1].split("<h2>")[0]
+    # the verdict on distinct items with its interval, the cap hits, density and censoring
+    assert "s: not effective" in summary
+    assert "distinct items by 0.75 [0.25, 1.25]" in summary and "item count by 1.5 [-0.1, 0.9]" in summary
+    assert "1 control, 4 top-N, 2 random-N of 6" in summary
+    assert "f123, fires on 4.9% of the lists&#x27; tokens and on 25.0% of the corpus tokens" in summary
+    assert "more than 10.0% of the lists" in summary
+    assert "2 of 5 pairs hold a list cut off" in summary
+    assert 'href="features_lists/s/dashboard.html#f123"' in html
+    assert "2 of 2 (limit 300)" in html  # the long template's lists cut off, beside its counts
     text = re.sub(r"data:image/png;base64,[^\"]+", "", html)
     assert not re.search(r"\bnan\b|\bNone\b", text, re.IGNORECASE)  # missing numbers are dashes
 
 
 def test_report_survives_missing_keys_and_foreign_paths(tmp_path):
     html = render_report({"model": "m"}, tmp_path)
-    for heading in ("Run", "Dataset", "Metric", "Per-topic effects", "Example lists"):
+    for heading in ("Dataset", "Metric", "Per-topic effects", "Example lists", "Run"):
         assert f"<h2>{heading}</h2>" in html
     (tmp_path / "secret.png").write_bytes(PNG_MAGIC + b"secret")
     out = tmp_path / "run"
     results = _results(out)
-    results["saes"]["s"]["maps"] = {"clustered": "../secret.png", "topics": "maps/missing.png"}
+    results["saes"]["s"]["maps"] = {"clustered": "../secret.png"}
     html = render_report(results, out)
-    assert "outside the run folder" in html and "not found" in html
+    assert "outside the run folder" in html
+    results["saes"]["s"]["maps"] = {"clustered": "maps/missing.png"}
+    html2 = render_report(results, out)
+    assert "not found" in html2
     assert len(re.findall(r'src="data:image/png', html)) == 1  # only the template chart

@@ -16,7 +16,7 @@ from saelab.errors import SaelabError, ShapeMismatchError, SiteError
 from saelab.sae.testing import random_sae
 from saelab.studies.synthetic import SyntheticConfig, run_synthetic, schedule, sweep, sweep_naive
 from saelab.studies.synthetic_commands import run_study
-from saelab.studies.synthetic_report import blowup_step, plateau_length
+from saelab.studies.synthetic_report import blowup_step, plateau_length, summarize
 from saelab.studies.synthetic_targets import (
     Gaussian,
     latent_stats,
@@ -151,6 +151,18 @@ def test_blowup_step_on_crafted_curves():
     assert blowup_step(np.array([0.0, 10, 10, 10]), 0.02) == 0  # s_0 = s_1, first of ties
 
 
+def test_blowup_summary_has_intervals_and_paired_differences():
+    real = np.array([10.0, 12, 14, 16, 18, 20])
+    random = real + np.array([3.0, 4, 5, 3, 4, 5])  # every base's random target blows up 3-5 steps later
+    out = summarize({"real": real, "random": random})
+    assert out["real"]["diff_vs_ref"] is None and out["real"]["ks"] is None
+    lo, hi = out["real"]["ci95"]
+    assert lo < 15 < hi  # the mean, 15, inside its bootstrap interval
+    diff = out["random"]["diff_vs_ref"]
+    assert diff["mean"] == pytest.approx(4.0) and diff["n"] == 6
+    assert 3 <= diff["ci95"][0] < 4 < diff["ci95"][1] <= 5  # paired: the shift is sure though the spreads overlap
+
+
 def test_plateau_length():
     assert plateau_length(np.array([0, 0.1, 0.2, 1.5, 2]), 1.0) == 3
     assert plateau_length(np.array([0, 0.1, 0.2, np.nan]), 1.0) == 3  # never: censored at its length
@@ -180,7 +192,13 @@ def test_study_on_a_tiny_model_writes_its_files(tmp_path):
         ks = run["results"]["blowup"]["kl"][kind]["ks"]
         assert (ks is None) == (kind == "real") and (ks is None or 0 <= ks <= 1)
     assert set(run["results"]["plateau"]["lengths"]) == set(result["results"]["plateau"]["lengths"])
+    for kind in ("random", "synthetic-baseline"):
+        diff = run["results"]["blowup"]["l2"][kind]["diff_vs_ref"]
+        paired = np.subtract(run["results"]["per_curve"]["blowup_l2"][kind],
+                             run["results"]["per_curve"]["blowup_l2"]["real"])
+        assert diff["n"] == 8 and diff["mean"] == pytest.approx(paired.mean())
     html = (tmp_path / "report.html").read_text()
+    assert "paired Δ vs real" in html
     assert "<script" not in html and "&lt;script&gt;" in html and "&lt;b&gt;mem" in html
     assert html.count("data:image/png") >= 10
     assert len(list(tmp_path.glob("*.png"))) >= 10 and (tmp_path / "curves.npz").is_file()

@@ -32,14 +32,14 @@ def demo(
     json: JsonFlag = False,
 ) -> None:
     """The main job: the list study's quick preset on the embedded model (`saelab study lists`)."""
-    from saelab.studies.lists import ListsConfig
     from saelab.studies.lists_commands import print_summary, run_with_progress
+    from saelab.studies.lists_config import ListsConfig
 
     cfg = ListsConfig.preset_config("quick", samples=samples)
     console.print(f"saelab demo: when does a list end? {cfg.model}, {len(cfg.topics)} topics x "
                   f"{len(cfg.templates)} templates x {cfg.samples} lists, SAEs at "
                   f"{', '.join(cfg.sites or ())} -> {out}")
-    results = run_with_progress(cfg, out)
+    results = run_with_progress(cfg, out, json=json)
     if json:
         return emit_json(results)
     print_summary(results, out)

@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from saelab.studies.lists import ListsConfig, Stage, StudyModel, _seed, attributed
+from saelab.studies.lists_config import (
+    ListsConfig,
+    Stage,
+    StudyModel,
+    ablation_examples,
+    attributed,
+    example_seed,
+)
 from saelab.studies.lists_data import parse_list
 from saelab.studies.records import RecordLog
 
@@ -28,24 +36,31 @@ class Pairs:
     features: tuple[int, ...]
 
 
-def top_pairs(attr: Any, site: str, example: int, n: int, skip_first: int) -> Pairs:
-    """The n pairs with the largest positive attribution, leading positions left out."""
+def top_pairs(attr: Any, site: str, example: int, n: int, skip_first: int,
+              exclude: set[int] | None = None) -> Pairs:
+    """The n pairs with the largest positive attribution, leading positions and the
+    features in `exclude` left out."""
     s = attr.sites[site]
     rows = s.rows_of(example)
     index, value = s.index[rows], s.value[rows]
     keep = (index[:, 1] >= skip_first) & (value > 0)
+    if exclude:
+        keep &= ~torch.isin(index[:, 2], torch.tensor(sorted(exclude), dtype=index.dtype))
     index, value = index[keep], value[keep]
     best = value.topk(min(n, value.numel())).indices
     return Pairs(tuple(index[best, 1].tolist()), tuple(index[best, 2].tolist()))
 
 
 def random_pairs(attr: Any, site: str, example: int, n: int, skip_first: int, exclude: Pairs,
-                 seed: int) -> Pairs:
-    """n active pairs drawn uniformly (seeded), the top pairs and leading positions left out."""
+                 seed: int, features: set[int] | None = None) -> Pairs:
+    """n active pairs drawn uniformly (seeded), the top pairs, leading positions and the
+    features in `features` left out (the same pool rules as the top pairs)."""
     s = attr.sites[site]
     index = s.index[s.rows_of(example)]
     taken = set(zip(exclude.positions, exclude.features, strict=True))
-    pool = [(p, f) for _, p, f in index.tolist() if p >= skip_first and (p, f) not in taken]
+    banned = features or set()
+    pool = [(p, f) for _, p, f in index.tolist()
+            if p >= skip_first and (p, f) not in taken and f not in banned]
     rng = np.random.default_rng(seed)
     chosen = [pool[i] for i in sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
     return Pairs(tuple(p for p, _ in chosen), tuple(f for _, f in chosen))
@@ -67,14 +82,13 @@ def pair_edits(pairs: Pairs, site: str, row: int, every_step: bool) -> list[Any]
     return edits
 
 
-def ablation_examples(cfg: ListsConfig, dataset: list[dict]) -> list[dict]:
-    return [r for r in attributed(cfg, dataset) if r["template"] in cfg.ablate_templates]
-
-
 def ablate_dataset(sm: StudyModel, cfg: ListsConfig, dataset: list[dict], saes: dict[str, tuple[Any, Path]],
-                   attr: Any, path: Path, stage: Stage) -> RecordLog:
+                   attr: Any, path: Path, stage: Stage,
+                   exclude: dict[str, set[int]] | None = None) -> RecordLog:
     """Regenerate each chosen list from just before its last item's last token: unablated
-    (once), and per SAE with its top-N pairs and with N random active pairs zeroed."""
+    (once), and per SAE with its top-N pairs and with N random active pairs zeroed
+    (features in exclude[site], the dense ones, never chosen)."""
+    exclude = exclude or {}
     examples = ablation_examples(cfg, dataset)
     row_of = {r["index"]: i for i, r in enumerate(attributed(cfg, dataset))}  # row in the Attribution
     log = RecordLog(path, key=("sae", "condition", "index"))
@@ -93,15 +107,17 @@ def ablate_dataset(sm: StudyModel, cfg: ListsConfig, dataset: list[dict], saes: 
                 prefixes.append((r["prompt_ids"] + r["generated"])[:r["last_position"]])
                 pairs = Pairs((), ())
                 if site is not None:
-                    top = top_pairs(attr, site, row_of[r["index"]], cfg.ablate, cfg.skip_first)
+                    banned = exclude.get(site)
+                    top = top_pairs(attr, site, row_of[r["index"]], cfg.ablate, cfg.skip_first, banned)
                     pairs = top if condition == "top" else random_pairs(
                         attr, site, row_of[r["index"]], cfg.ablate, cfg.skip_first, top,
-                        _seed(cfg, r["index"], "regenerate"))
+                        example_seed(cfg, r["index"], "regenerate"), banned)
                     edits += pair_edits(pairs, site, row, cfg.ablate_every_step)
                 chosen.append(pairs)
             log.append(_regenerate(sm, cfg, chunk, prefixes, edits, site, saes, name, condition, chosen))
             done += len(chunk)
             update(done)
+    update(done)  # a resumed run with nothing left still closes the stage
     return log
 
 
@@ -112,7 +128,7 @@ def _regenerate(sm: StudyModel, cfg: ListsConfig, chunk: list[dict], prefixes: l
 
     gen = generate(sm.lm, prefixes, max_new_tokens=cfg.regen_max_new_tokens,
                    temperature=cfg.regen_temperature, top_p=cfg.regen_top_p,
-                   seeds=[_seed(cfg, r["index"], "regenerate") for r in chunk],
+                   seeds=[example_seed(cfg, r["index"], "regenerate") for r in chunk],
                    saes={site: saes[site][0]} if site else None, edits=edits,
                    batch_size=cfg.batch_size, eos_token_ids=[sm.eot])
     records = []

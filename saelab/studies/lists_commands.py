@@ -3,54 +3,101 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 
-def run_with_progress(cfg, out: Path) -> dict:
-    """Run the study with one rich progress bar per stage."""
-    from saelab.console import progress
+def run_with_progress(cfg: Any, out: Path, *, json: bool = False) -> dict:
+    """Run the study with one progress bar (or, piped, one line) per stage."""
     from saelab.studies.lists import run_lists
+    from saelab.studies.stage_lines import study_progress
 
-    with progress() as bar:
-
-        def stage(name: str, total: int):
-            task = bar.add_task(name, total=max(total, 1), info="")
-            return lambda done: bar.update(task, completed=min(done, total), info=f"{done:,}/{total:,}")
-
+    with study_progress(json=json) as stage:
         return run_lists(cfg, out, stage)
 
 
-def print_summary(results: dict, out: Path) -> None:
-    """The short table the demo ends with: the template contrast, then one row per SAE."""
+def _num(stat: dict | None, digits: int = 1) -> str:
+    """mean [CI] in `digits` decimals, or a dash."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    ci = stat.get("ci95")
+    return f"{stat['mean']:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
+
+
+def summary_lines(results: dict) -> list[str]:
+    """The dataset's and the verdicts' sentences the demo ends with (and the report opens with)."""
+    data = results["dataset"]
+    distinct = data.get("distinct") or {}
+    caps = data.get("caps") or {}
+    parts = []
+    for t, s in data["templates"].items():
+        if s.get("mean") is None:
+            continue
+        d = (distinct.get(t) or {}).get("mean")
+        cap = caps.get(t)
+        parts.append(f"{t} {s['mean']:.1f}" + (f" ({d:.1f} distinct)" if d is not None else "")
+                     + (f", {cap['cap_hits']}/{cap['lists']} cut at {cap['token_limit']} tokens"
+                        if cap else ""))
+    lines = [f"{data['n']} lists; items per list: " + "; ".join(parts)]
+    contrast = data.get("contrast")
+    if contrast:
+        line = f"long - short: {_num(contrast)} items, {_num(contrast.get('distinct'))} distinct"
+        if contrast.get("censored_pairs"):
+            line += (f"; {contrast['censored_pairs']} pairs censored by the token limit, the rest: "
+                     f"{_num(contrast.get('uncensored'))} distinct")
+        lines.append(line)
+    m = results["metric"]
+    lines.append(f"metric: {m['name']} ({m['reason']})")
+    return lines
+
+
+def summary_table(results: dict) -> Any:
+    """One row per SAE, narrow enough for an 80-column terminal or log."""
+    from rich import box
     from rich.table import Table
 
-    from saelab.console import console, saelab_command
-
-    def num(stat: dict | None, digits: int = 2) -> str:
-        if not stat or stat.get("mean") is None:
-            return "–"
-        ci = stat.get("ci95")
-        return f"{stat['mean']:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
-
-    data = results["dataset"]
-    items = ", ".join(f"{t} {s['mean']:.1f}" for t, s in data["templates"].items() if s["mean"] is not None)
-    console.print(f"{data['n']} lists; items per list: {items}; long - short {num(data['contrast'])}")
-    console.print(f"metric: {results['metric']['name']} ({results['metric']['reason']})", highlight=False)
-    table = Table(title=f"Ablating the top {results['config']['ablate']} attributed pairs")
+    cfg = results["config"]
+    table = Table(title=f"Ablating the top {cfg['ablate']} attributed pairs (Δ: ablated - control)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True,
+                  title_justify="left")
     table.add_column("SAE", no_wrap=True)  # a site name split over two lines cannot be copied back
-    for header in ("Δ items, top-N", "Δ items, random-N", "Δ diversity, top-N", "error share", "effective"):
-        table.add_column(header)
+    for header in ("Δdistinct top-N", "random-N", "Δitems", "capped", "effective"):
+        table.add_column(header, no_wrap=True, justify="right")
     for site, entry in results["saes"].items():
         ab = entry["ablation"]
-        table.add_row(site, num(ab["top"]["n_items"]), num(ab["random"]["n_items"]),
-                      num(ab["top"]["diversity"]), f"{entry['error_share']['mean']:.2f}",
+        caps = ab.get("cap_hits") or {}
+        table.add_row(site, _num(ab["top"]["distinct_items"]),
+                      _num({"mean": ab["random"]["distinct_items"]["mean"]}),
+                      _num({"mean": ab["top"]["n_items"]["mean"]}),
+                      "/".join(str(caps.get(c, "–")) for c in ("control", "top", "random")),
                       "yes" if entry["verdict"]["effective"] else "no")
-    console.print(table)
+    return table
+
+
+def print_summary(results: dict, out: Path) -> None:
+    """The short summary the demo ends with: the dataset, then one row per SAE."""
+    from saelab.console import console, saelab_command
+
+    for line in summary_lines(results):
+        console.print(line, highlight=False, markup=False)
+    console.print(summary_table(results))
+    some = next(iter(results["saes"].values()), None)
+    if some:
+        n = some["ablation"]["n_examples"]
+        console.print(f"Δdistinct top-N: mean [95% CI] over {n} lists; random-N: the same for "
+                      "random active pairs; Δitems: all items, repeats included; capped: "
+                      f"regenerations cut at {some['ablation'].get('token_limit', '?')} tokens "
+                      "(control/top-N/random-N); effective: "
+                      f"{some['verdict']['rule']}", highlight=False, markup=False)
     times = ", ".join(f"{k} {v:.0f}s" for k, v in results["seconds"].items())
-    console.print(f"time: {times}")
-    console.print(f"report: {out / 'report.html'}   browse features: {saelab_command()} serve {out}")
+    console.print(f"time: {times}", highlight=False)
+    console.print(f"report: {out / 'report.html'}   browse features: {saelab_command()} serve {out}",
+                  highlight=False, markup=False)
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    return tuple(t.strip() for t in text.split(",")) if text else None
 
 
 def register(study_app: typer.Typer) -> None:
@@ -62,11 +109,13 @@ def register(study_app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Run folder; rerunning with the same settings resumes.")],
         model: Annotated[str, typer.Option("--model", "-m", help="An instruct model: embedded name, HF id, folder.")]
             = "smollm2-135m-instruct",
-        preset: Annotated[str, typer.Option(help="quick (the demo, minutes) or full (the original's size, hours).")]
-            = "full",
+        preset: Annotated[str, typer.Option(help="quick: what `saelab demo` runs, ~10-20 minutes on a "
+                                            "CPU; full: the original's size (5 lists per topic and "
+                                            "template, ten SAEs on 1M tokens), several hours on a CPU.")]
+            = "quick",
         sae: Annotated[list[str] | None, typer.Option(help="SAE folder to use (repeat); default: train them.")] = None,
         sites: Annotated[str | None, typer.Option(help="Sites to train SAEs at, comma separated; default: "
-                                                  "the original's relative depths.")] = None,
+                                                  "the preset's.")] = None,
         topics: Annotated[str | None, typer.Option(help="Topics, comma separated; default the original's 23.")]
             = None,
         samples: Annotated[int | None, typer.Option(help="Lists per topic and template.")] = None,
@@ -75,23 +124,32 @@ def register(study_app: typer.Typer) -> None:
         ablate_every_step: Annotated[bool | None, typer.Option(
             "--ablate-every-step/--ablate-prefix-only", help="Also zero them at every generated token.")] = None,
         ablate_templates: Annotated[str | None, typer.Option(help="Templates to ablate, comma separated.")] = None,
+        max_density: Annotated[float | None, typer.Option(
+            help="Leave features firing on more than this fraction of the lists' tokens (e.g. 0.1) "
+                 "out of the top pairs, the random control and the tables; default: keep all.")] = None,
+        long_max_new_tokens: Annotated[int | None, typer.Option(
+            help="Token limit of the long template's lists (default 300; the others get 100).")] = None,
         sae_tokens: Annotated[int | None, typer.Option(help="Training tokens per trained SAE.")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Sequences per batch.")] = None,
         seed: Annotated[int | None, typer.Option(help="Base seed of all sampling.")] = None,
         json: Annotated[bool, typer.Option("--json", help="Print results.json on stdout.")] = False,
     ) -> None:
-        """When does a list end? Sample lists, attribute, ablate, report (STUDIES.md §1)."""
+        """When does a list end? Sample lists, attribute, ablate, report. Defaults to the quick
+        preset (minutes); --preset full is the original's size and takes hours on a CPU."""
         from saelab.console import emit_json
-        from saelab.studies.lists import ListsConfig
+        from saelab.errors import SaelabError
+        from saelab.studies.lists_config import ListsConfig
 
-        cfg = ListsConfig.preset_config(
-            preset, model=model, saes=tuple(sae) if sae else None,
-            sites=tuple(s.strip() for s in sites.split(",")) if sites else None,
-            topics=tuple(t.strip() for t in topics.split(",")) if topics else None,
-            samples=samples, metric=metric, ablate=ablate, ablate_every_step=ablate_every_step,
-            ablate_templates=tuple(t.strip() for t in ablate_templates.split(",")) if ablate_templates else None,
-            sae_tokens=sae_tokens, batch_size=batch_size, seed=seed)
-        results = run_with_progress(cfg, out)
+        try:
+            cfg = ListsConfig.preset_config(
+                preset, model=model, saes=tuple(sae) if sae else None, sites=_split(sites),
+                topics=_split(topics), samples=samples, metric=metric, ablate=ablate,
+                ablate_every_step=ablate_every_step, ablate_templates=_split(ablate_templates),
+                max_density=max_density, long_max_new_tokens=long_max_new_tokens,
+                sae_tokens=sae_tokens, batch_size=batch_size, seed=seed)
+        except ValueError as err:
+            raise SaelabError(str(err)) from None
+        results = run_with_progress(cfg, out, json=json)
         if json:
             return emit_json(results)
         print_summary(results, out)

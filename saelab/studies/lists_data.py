@@ -139,11 +139,21 @@ def _ending(after: list[int], pieces: list[str], eot: set[int], stopped: bool) -
     return blank or "end_of_turn"
 
 
+def _item_key(item: str) -> str:
+    """An item as compared for repeats: case and surrounding blanks ignored."""
+    return item.strip().lower()
+
+
+def distinct_items(items: Sequence[str]) -> int:
+    """Different items in one list ("Andes" x 30 is 1): what a looping list does not add."""
+    return len({_item_key(item) for item in items})
+
+
 def entropy(items: Sequence[str]) -> float:
     """Shannon entropy (nats) of the item strings of one list: 0 for repeats, log n for distinct."""
     if not items:
         return 0.0
-    counts = Counter(item.strip().lower() for item in items)
+    counts = Counter(_item_key(item) for item in items)
     n = len(items)
     return -sum(c / n * math.log(c / n) for c in counts.values())
 

@@ -3,7 +3,6 @@
     feats = [f for f, _, _ in top_features(attr, "resid_post.12", k_per_example=20)]
     m = feature_matrix(attr, "resid_post.12", feats)           # (F, E) max activation per list
     png = clustered_heatmap(m, [f"f{f}" for f in feats], names, templates, title="...")
-    png = topic_heatmap(m, [f"f{f}" for f in feats], topics, title="...")
 
 Matrices are computed from the sparse `SiteAttribution` entries in one scatter
 (no loop over entries); figures use the Agg `Figure` API as `saelab.report.plots`.
@@ -64,8 +63,18 @@ def attribution_matrix(attr: Attribution, site: str, features: Sequence[int], *,
     return _scatter(attr, site, features, skip_first, "value", "sum")
 
 
+def feature_density(attr: Attribution, site: str, skip_first: int = 1) -> np.ndarray:
+    """(d_sae,) each feature's firing fraction over all examples' positions >= skip_first:
+    active entries / positions (the attribution records every active feature)."""
+    s = attr.sites[site]
+    positions = sum(max(len(t) - skip_first, 0) for t in attr.tokens)
+    keep = s.index[:, 1] >= skip_first
+    counts = np.bincount(s.index[keep, 2].numpy(), minlength=s.d_sae)[:s.d_sae]
+    return counts / max(positions, 1)
+
+
 def top_features(attr: Attribution, site: str, k_per_example: int, *, skip_first: int = 1,
-                 limit: int = 60) -> list[tuple[int, int, float]]:
+                 limit: int = 60, exclude: set[int] | None = None) -> list[tuple[int, int, float]]:
     """(feature, examples, summed attribution) over the examples' top-k positive pairs.
 
     Per example, the k (position, feature) pairs at positions >= skip_first with
@@ -73,10 +82,13 @@ def top_features(attr: Attribution, site: str, k_per_example: int, *, skip_first
     ending the list); a feature counts once per example however many of its
     positions are among them, and its sum runs over all of those pairs. Sorted
     by examples, then sum (then feature id, for a stable order); at most `limit`.
+    Features in `exclude` (e.g. the dense ones) are left out before ranking.
     """
     s = attr.sites[site]
     index, value = s.index.numpy(), s.value.double().numpy()
     keep = (value > 0) & (index[:, 1] >= skip_first)
+    if exclude:
+        keep &= ~np.isin(index[:, 2], list(exclude))
     ex, feat, val = index[keep, 0], index[keep, 2], value[keep]
     order = np.lexsort((-val, ex))  # by example, then descending attribution
     ex, feat, val = ex[order], feat[order], val[order]
@@ -212,39 +224,4 @@ def clustered_heatmap(matrix: np.ndarray, feature_labels: Sequence[str],
     bar.set_label("scaled per feature", fontsize=7)
     bar.ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=9)
-    return to_png(fig)
-
-
-def topic_presence(matrix: np.ndarray, example_topics: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """(topics in first-appearance order, (F, T) share of each topic's examples where matrix > 0)."""
-    column = {t: i for i, t in enumerate(dict.fromkeys(example_topics))}
-    topics = list(column)
-    which = np.array([column[t] for t in example_topics])  # (E,) topic column of each example
-    member = (which[None, :] == np.arange(len(topics))[:, None]).astype(float)  # (T, E)
-    return topics, ((np.asarray(matrix) > 0).astype(float) @ member.T) / member.sum(axis=1)
-
-
-def topic_heatmap(matrix: np.ndarray, feature_labels: Sequence[str], example_topics: Sequence[str],
-                  *, title: str) -> bytes:
-    """PNG of features x topics: the share of a topic's examples where the feature is active (> 0).
-
-    Rows follow the clustered map's order so the two figures read side by side.
-    """
-    m = _check(matrix, len(feature_labels), len(example_topics), "topic_heatmap")
-    topics, presence = topic_presence(m, example_topics)
-    rows, _ = cluster_order(m)
-
-    fig = new_figure((min(max(3.5 + 0.28 * len(topics), 5.0), 12.0),
-                      min(max(2.5 + 0.13 * m.shape[0], 3.5), 14.0)))
-    ax = fig.add_subplot()
-    im = ax.imshow(presence[rows], aspect="auto", interpolation="nearest", cmap="Blues",
-                   vmin=0, vmax=1)
-    _label_rows(ax, feature_labels, rows, right=False)
-    ax.set_xticks(np.arange(len(topics)), topics, rotation=60, ha="right", rotation_mode="anchor",
-                  fontsize=7)
-    ax.tick_params(axis="x", length=0)
-    bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    bar.set_label("share of the topic's lists where active", fontsize=7)
-    bar.ax.tick_params(labelsize=6)
-    ax.set_title(title, fontsize=9)
     return to_png(fig)

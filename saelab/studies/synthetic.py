@@ -1,4 +1,4 @@
-"""Are SAE-built activations as realistic as real ones? (seeds/001, STUDIES.md §2)
+"""Are SAE-built activations as realistic as real ones? (after an SAE study on GPT-2)
 
     cfg = SyntheticConfig(n=1000, steps=100)
     result = run_synthetic(lm, sae, cfg, out="runs/synthetic")   # run.json, report.html, PNGs

@@ -50,7 +50,7 @@ def register(study_app: typer.Typer) -> None:
     """Add `synthetic` to the `saelab study` app."""
     from rich.table import Table
 
-    from saelab.console import console, emit_json, progress, user_errors
+    from saelab.console import console, emit_json, user_errors
 
     @study_app.command("synthetic")
     @user_errors
@@ -88,13 +88,9 @@ def register(study_app: typer.Typer) -> None:
                                   sae_width=sae_width, sae_k=sae_k)
         except ValueError as err:
             raise SaelabError(str(err)) from None
-        with progress() as bar:
+        from saelab.studies.stage_lines import study_progress
 
-            def stage(name: str, total: int) -> Callable[[int], None]:
-                task = bar.add_task(name, total=max(total, 1), info="")
-                return lambda done: bar.update(task, completed=min(done, total),
-                                               info=f"{done:,}/{total:,}")
-
+        with study_progress(json=json) as stage:
             result = run_study(cfg, out, sae=sae, device=device, stage=stage)
         if json:
             return emit_json(result["results"] | {"out": str(out)})

@@ -90,17 +90,27 @@ def blowups(curves, rel_threshold: float) -> dict[str, np.ndarray]:
 
 
 def summarize(values: Mapping[str, np.ndarray], ref: str = "real") -> dict[str, dict]:
-    """Per kind: n, mean, median, std, and the two-sample KS statistic and p-value against `ref`."""
+    """Per kind: n, mean, its 95% bootstrap interval ("ci95"), median, std, the two-sample KS
+    statistic and p-value against `ref`, and "diff_vs_ref": the mean of the paired differences
+    to `ref` (every base has one target of each kind, so steps pair by base) with its interval
+    (`stats.mean_stat`: mean, var, ci95, n), None for `ref` itself or unequal lengths."""
     from scipy.stats import ks_2samp
+
+    from saelab.studies.stats import mean_stat
 
     out = {}
     for kind, v in values.items():
         v = np.asarray(v, dtype=float)
-        entry = {"n": len(v), "mean": float(v.mean()), "median": float(np.median(v)),
-                 "std": float(v.std(ddof=1)) if len(v) > 1 else None, "ks": None, "ks_p": None}
+        entry = {"n": len(v), "mean": float(v.mean()), "ci95": mean_stat(v.tolist())["ci95"],
+                 "median": float(np.median(v)),
+                 "std": float(v.std(ddof=1)) if len(v) > 1 else None, "ks": None, "ks_p": None,
+                 "diff_vs_ref": None}
         if kind != ref and ref in values:
-            ks = ks_2samp(v, np.asarray(values[ref], dtype=float))
+            other = np.asarray(values[ref], dtype=float)
+            ks = ks_2samp(v, other)
             entry["ks"], entry["ks_p"] = float(ks.statistic), float(ks.pvalue)
+            if len(other) == len(v):
+                entry["diff_vs_ref"] = mean_stat((v - other).tolist())
         out[kind] = entry
     return out
 
@@ -247,8 +257,17 @@ def make_figures(m, kinds: Sequence[str], plateau: Mapping[str, np.ndarray] | No
 # ------------------------------------------------------------------ the page
 
 
+def _interval(ci: Sequence[float] | None) -> str:
+    return "–" if not ci else f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+
+
 def _stat_rows(summary: Mapping[str, dict]) -> list[list[object]]:
-    return [[kind, s["mean"], s["median"], s["ks"], s["ks_p"]] for kind, s in summary.items()]
+    rows = []
+    for kind, s in summary.items():
+        diff = s.get("diff_vs_ref") or {}
+        rows.append([kind, s["mean"], _interval(s.get("ci95")), s["median"], s["ks"], s["ks_p"],
+                     diff.get("mean"), _interval(diff.get("ci95"))])
+    return rows
 
 
 def render(result: dict, figures: Mapping[str, bytes]) -> str:
@@ -258,7 +277,8 @@ def render(result: dict, figures: Mapping[str, bytes]) -> str:
 
     res, cfg, res_stats = result["results"], result["config"], result["results"]["real_stats"]
     img = {name: image(png, name) for name, png in figures.items()}
-    header = ["target", "mean", "median", "KS vs real", "p"]
+    header = ["target", "mean", "95% CI", "median", "KS vs real", "p", "paired Δ vs real",
+              "95% CI"]
     body = [
         paragraph(result["question"]),
         section("Setup", key_values({
