@@ -22,6 +22,7 @@ import collections
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -217,3 +218,12 @@ def write_folder(target: str | os.PathLike, owned: Iterable[str],
     finally:
         shutil.rmtree(new, ignore_errors=True)
     return target
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()

@@ -262,3 +262,20 @@ def test_out_of_memory_with_one_sae_is_an_error(lm, corpus, tmp_path, monkeypatc
     monkeypatch.setattr(SAEObjective, "train_step", oom)
     with pytest.raises(SaelabError, match="out of device memory training resid_post.1-topk-64-k4 alone"):
         train(config(sites=SITES[:1]), Stream(lm, corpus, context=32), tmp_path)
+
+
+def test_resume_refuses_a_cache_of_another_width_at_the_same_path(lm, corpus, tmp_path):
+    """Issue 13: a resumed run on a re-harvested cache whose site is another width was a
+    `copy_` size mismatch; the cache's identity (sites and widths) refuses it first."""
+    cfg = config(sites=SITES[:1], tokens=8 * 256)
+    hc = HarvestConfig(sites="resid_post.1", corpus=corpus, tokens=6000, context=32, batch_size=4)
+    harvest(lm, hc, tmp_path / "cache")
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "cache", tmp_path / "run", on_progress=stop_at(3 * 256))
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")
+    wider = tiny_lm("llama", hidden_size=2 * lm.arch.d_model)
+    harvest(wider, hc, tmp_path / "cache")
+    with pytest.raises(SaelabError, match=r"data sites: was \{'resid_post\.1': 32\}, now \{'resid_post\.1': 64\}"):
+        train(cfg, tmp_path / "cache", tmp_path / "run", resume=True)

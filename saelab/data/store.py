@@ -22,7 +22,6 @@ never used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from saelab.atomic import atomic_write_text, fault_point
+from saelab.atomic import atomic_write_text, fault_point, file_sha256
 from saelab.checks import integer
 from saelab.data.outliers import norm_outliers
 from saelab.errors import CorruptFileError, SaelabError, SiteError
@@ -45,14 +44,6 @@ SHARD = re.compile(r"shard_(\d{5})\.safetensors")
 TEMPORARY = re.compile(r"\.(shard_\d{5}\.safetensors|manifest\.json)\.tmp")
 
 __all__ = ["ActivationStore", "Manifest", "ShardWriter", "atomic_write_text", "file_sha256"]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -23,16 +23,10 @@ import json
 import os
 from pathlib import Path
 
+from saelab.atomic import file_sha256
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 MEMO = "weight_hashes.json"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _memo_path() -> Path:
@@ -71,7 +65,7 @@ def weights_hash(folder: str | os.PathLike) -> str:
         stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         entry = memo.get(key)
         if not (isinstance(entry, dict) and entry.get("stat") == stamp):
-            entry = {"stat": stamp, "sha256": _file_sha256(path)}
+            entry = {"stat": stamp, "sha256": file_sha256(path)}
             memo[key], changed = entry, True
         total.update(f"{path.name}\0{entry['sha256']}\n".encode())
     if changed:
