@@ -128,7 +128,7 @@ def register(study_app: typer.Typer) -> None:
             help="Leave features firing on more than this fraction of the lists' tokens (e.g. 0.1) "
                  "out of the top pairs, the random control and the tables; default: keep all.")] = None,
         long_max_new_tokens: Annotated[int | None, typer.Option(
-            help="Token limit of the long template's lists (default 300; the others get 100).")] = None,
+            help="Token limit of the long template's lists (default 300, 100 in the quick preset; the others get 100).")] = None,
         sae_tokens: Annotated[int | None, typer.Option(help="Training tokens per trained SAE.")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Sequences per batch.")] = None,
         seed: Annotated[int | None, typer.Option(help="Base seed of all sampling.")] = None,
