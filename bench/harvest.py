@@ -15,6 +15,7 @@ saelab/plain is the figure issue 14 targets (>= 0.5 on CUDA).
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"plain forward:  {plain:,.0f} tokens/s")
     print(f"saelab/plain:   {result['ratio']:.2f}")
     if args.out:
-        Path(args.out).write_text(__import__("json").dumps(result, indent=1))
+        Path(args.out).write_text(json.dumps(result, indent=1))
     else:
         print("wrote", write("harvest", result))
     return result

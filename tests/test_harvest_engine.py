@@ -9,8 +9,15 @@ import pytest
 import torch
 from tiny_lm import tiny_lm
 
-from saelab.data.engine import (CPU_BATCH_CONTEXTS, MAX_AUTO_TOKENS, auto_batch_tokens,
-                                contexts_per_forward, forward_chunks, prefetch, token_batches)
+from saelab.data.engine import (
+    CPU_BATCH_CONTEXTS,
+    MAX_AUTO_TOKENS,
+    auto_batch_tokens,
+    contexts_per_forward,
+    forward_chunks,
+    prefetch,
+    token_batches,
+)
 from saelab.data.harvest import HarvestConfig, harvest
 from saelab.data.store import ActivationStore
 from saelab.errors import SaelabError
