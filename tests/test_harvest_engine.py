@@ -210,3 +210,28 @@ def test_harvest_bench_runs_on_the_cpu(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["ratio"] == out["ratio"] > 0
     assert out["depth_blocks"] == 2 and out["batch_contexts"] == 4
     assert out["saelab"]["tokens_stored"] >= 600 and out["plain_tokens_per_s"] > 0
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_cli_batch_tokens_is_used_and_reported(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from saelab.cli import app
+
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "c"))
+    lm = tiny_lm("llama")
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "t.txt").write_text(TEXT)
+    args = ["harvest", "--model", str(tmp_path / "model"), "--corpus", str(tmp_path / "t.txt"),
+            "--sites", "resid_post.1", "--tokens", "300", "--context", "32"]
+    res = CliRunner().invoke(app, [*args, "--batch-tokens", "96", "--out", str(tmp_path / "a"),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout[res.stdout.index("{"):])["forward"]["batch_contexts"] == 3
+    res = CliRunner().invoke(app, [*args, "--batch-tokens", "96", "--batch-size", "2",
+                                   "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "not both" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "b").exists()  # refused before anything was loaded or written

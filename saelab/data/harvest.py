@@ -22,7 +22,7 @@ from saelab.checks import ABSURD, choice, integer
 from saelab.data.corpus import load_corpus
 from saelab.data.engine import contexts_per_forward, forward_chunks, token_batches
 from saelab.data.store import Manifest, ShardWriter
-from saelab.errors import SaelabError
+from saelab.errors import BadValueError, SaelabError
 from saelab.models.limits import check_positions, lm_max_positions
 from saelab.models.load import LM
 from saelab.models.sites import resolve_sites, site_width
@@ -56,6 +56,9 @@ class HarvestConfig:
             integer("batch_size", self.batch_size, low=1, high=ABSURD)
         if self.batch_tokens is not None:
             integer("batch_tokens", self.batch_tokens, low=1, high=ABSURD)
+            if self.batch_size is not None:
+                raise BadValueError("give either --batch-size (contexts) or --batch-tokens, "
+                                    "not both.")
         integer("shard_tokens", self.shard_tokens, low=1, high=ABSURD)
         choice("store_dtype", self.store_dtype, tuple(DTYPES))
 
