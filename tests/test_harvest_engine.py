@@ -235,3 +235,29 @@ def test_cli_batch_tokens_is_used_and_reported(tmp_path, monkeypatch):
                                    "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "not both" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "b").exists()  # refused before anything was loaded or written
+
+
+def test_shards_are_written_off_the_forward_thread_and_a_failed_write_is_raised(tmp_path,
+                                                                                monkeypatch):
+    from saelab.data.store import ShardWriter
+
+    lm = tiny_lm("llama")
+    cfg = HarvestConfig(sites="resid_post.1", tokens=2000, context=32, shard_tokens=256,
+                        batch_size=4)
+    harvest(lm, cfg, tmp_path / "whole")
+    append, writers = ShardWriter.append, []
+
+    def failing(self, *args):
+        writers.append(threading.get_ident())
+        if len(writers) == 3:
+            raise RuntimeError("write failed")
+        append(self, *args)
+
+    monkeypatch.setattr(ShardWriter, "append", failing)
+    with pytest.raises(RuntimeError, match="write failed"):
+        harvest(lm, cfg, tmp_path / "parts")
+    assert threading.get_ident() not in writers
+    assert len(ActivationStore(tmp_path / "parts").manifest.shards) == 2  # the prefix is kept
+    monkeypatch.setattr(ShardWriter, "append", append)
+    harvest(lm, cfg, tmp_path / "parts")
+    assert shard_bytes(tmp_path / "parts") == shard_bytes(tmp_path / "whole")

@@ -11,6 +11,8 @@ produces exactly what an uninterrupted run would have.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,23 +111,24 @@ def harvest(lm: LM, config: HarvestConfig, out: str | Path,
                             skip=manifest.n_contexts * world_size + rank, rank=rank,
                             world_size=world_size)
     chunks = forward_chunks(lm, sites, batches, store_dtype, to_host=True)
+    writes = _ShardThread(writer, out, kept)
     try:
         for chunk in chunks:
-            ids, special, acts = chunk.ids, chunk.special, chunk.acts
-            pending.append((ids, special, acts))
-            pending_tokens += int((~special).sum())
+            pending.append((chunk.ids, chunk.special, chunk.acts))
+            pending_tokens += int((~chunk.special).sum())
             n_ctx = sum(p[0].shape[0] for p in pending)
             last = done + pending_tokens >= config.tokens
             if n_ctx >= contexts_per_shard or last:
-                with disk_full(out, kept + f" ({len(manifest.shards)} shards)"):
-                    _flush(writer, pending)
+                writes.submit(pending)
                 done += pending_tokens
                 pending, pending_tokens = [], 0
             if on_progress:
                 on_progress(done + pending_tokens, config.tokens)
             if last:
                 break
-    finally:  # stop the packing thread now, not when the generators are collected
+        writes.finish()
+    finally:  # stop the threads now, not when the generators are collected
+        writes.stop()
         chunks.close()
         batches.close()
     if done < config.tokens:
@@ -149,3 +152,44 @@ def _flush(writer: ShardWriter, pending) -> None:
     special = torch.cat([p[1] for p in pending])
     acts = {site: torch.cat([p[2][site] for p in pending]) for site in pending[0][2]}
     writer.append(ids, special, acts)
+
+
+class _ShardThread:
+    """Writes shards in order in a background thread, one shard behind the forwards, so
+    saving, fsync and sha256 (all GIL-free) overlap the next shard's forwards. A failed
+    write is raised in the caller at its next `submit` or at `finish` (a full disk as
+    DiskFullError); later shards are then dropped, so the cache stays a valid prefix."""
+
+    def __init__(self, writer: ShardWriter, out, kept: str):
+        self.writer, self.out, self.kept = writer, out, kept
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="saelab-shards", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (pending := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    _flush(self.writer, pending)
+                except BaseException as err:  # noqa: BLE001 - raised in the caller
+                    self.error = err
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            with disk_full(self.out, self.kept + f" ({len(self.writer.manifest.shards)} shards)"):
+                raise self.error
+
+    def submit(self, pending: list) -> None:
+        self._raise()
+        self.queue.put(pending)
+
+    def finish(self) -> None:
+        """Wait for every shard submitted; raise the first failed write."""
+        self.stop()
+        self._raise()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
