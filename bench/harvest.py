@@ -1,76 +1,124 @@
-"""Harvest throughput: saelab (early stop, chosen dtype) vs plain transformers.
+"""Harvest throughput: `saelab.harvest` end to end vs a plain forward of the same depth.
 
-The plain way is what a researcher writes first: a full forward pass with
-`output_hidden_states=True` in fp32, keeping one layer. saelab stops after
-the deepest site and computes in the dtype that is fastest on this hardware.
+saelab: the real `harvest()` into a fresh folder (packing in its thread, one
+forward per batch stopped after the deepest site, copy to the host, shards
+written and hashed). Plain: the model's base (embeddings + the blocks up to
+the deepest site, nothing else) called by hand on random ids, batch after
+batch, in the same dtype and the same tokens per forward, nothing kept: what
+a GPU can do at that depth, the ceiling a harvest can approach. The ratio
+saelab/plain is the figure issue 14 targets (>= 0.5 on CUDA).
 
-    .venv/bin/python bench/harvest.py [--site resid_post.15] [--batches 4]
+    python -m bench.harvest --sites resid_post.6,resid_post.12 --tokens 30000 --threads 1
+    python -m bench.harvest --device cuda --dtype bfloat16 --tokens 2000000
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from bench.common import best_time, matmul_rate, table, write
-from saelab.data.harvest import _forward
-from saelab.models.load import load_model
-from saelab.models.sites import resolve_sites
+from bench.common import write
 
 
-def forward_flops(lm, n_tokens: int, context: int, layers_run: int) -> float:
-    """Matmul FLOPs of a forward through `layers_run` blocks (weights + attention scores)."""
-    block = sum(p.numel() for p in lm.model.model.layers[0].parameters() if p.dim() == 2)
-    attention = 2 * context * lm.arch.d_model  # QK^T and AV, causal: half of 2 x 2 x ctx x d
-    return 2 * n_tokens * layers_run * (block + attention)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--site", default="resid_post.15")
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--context", type=int, default=128)
-    args = parser.parse_args()
-
+def plain_rate(lm, depth: int, batch_contexts: int, context: int, n_batches: int) -> float:
+    """Tokens/s of the base model truncated to its first `depth` blocks, random ids."""
+    base = lm.model.get_submodule(lm.arch.base_path)
+    parent_path, _, name = lm.arch.layers_path.rpartition(".")
+    parent = lm.model.get_submodule(parent_path)
+    layers = getattr(parent, name)
     gen = torch.Generator().manual_seed(0)
-    rows = []
-    lm32 = load_model("smollm2-135m-instruct", dtype="float32")
-    vocab = lm32.tokenizer.vocab_size
-    batches = [torch.randint(0, vocab, (args.batch_size, args.context), generator=gen)
-               for _ in range(args.batches)]
-    n_tokens = args.batches * args.batch_size * args.context
-    site = resolve_sites(lm32.arch, args.site)
-    layer = site[0].layer
+    vocab = lm.model.get_input_embeddings().num_embeddings
+    ids = [torch.randint(0, vocab, (batch_contexts, context), generator=gen).to(lm.device)
+           for _ in range(min(n_batches, 4))]
+    setattr(parent, name, nn.ModuleList(list(layers)[:depth]))
+    try:
+        with torch.inference_mode():
+            base(input_ids=ids[0], use_cache=False)  # warm-up
+            _sync(lm.device)
+            start = time.perf_counter()
+            for i in range(n_batches):
+                base(input_ids=ids[i % len(ids)], use_cache=False)
+            _sync(lm.device)
+            return n_batches * batch_contexts * context / (time.perf_counter() - start)
+    finally:
+        setattr(parent, name, layers)
 
-    @torch.inference_mode()
-    def plain():
-        for ids in batches:
-            out = lm32.model(input_ids=ids, output_hidden_states=True, use_cache=False)
-            out.hidden_states[layer + 1].clone()
 
-    def ours(lm):
-        return lambda: [_forward(lm, site, ids, torch.float32) for ids in batches]
+def saelab_rate(lm, args, folder: Path) -> dict:
+    """Tokens/s of `harvest()` from the call to its return (shards written)."""
+    from saelab.data.corpus import load_corpus
+    from saelab.data.harvest import HarvestConfig, harvest
 
-    t_plain = best_time(plain, repeats=2)
-    full_flops = forward_flops(lm32, n_tokens, args.context, lm32.arch.n_layers)
-    rows.append({"method": "transformers, full forward, fp32", "tokens/s": n_tokens / t_plain,
-                 "GFLOP/s": full_flops / t_plain / 1e9})
-    early_flops = forward_flops(lm32, n_tokens, args.context, layer + 1)
-    for dtype in ("float32", "bfloat16"):
-        lm = lm32 if dtype == "float32" else load_model("smollm2-135m-instruct", dtype=dtype)
-        t = best_time(ours(lm), repeats=2)
-        rows.append({"method": f"saelab harvest, early stop, {dtype}", "tokens/s": n_tokens / t,
-                     "GFLOP/s": early_flops / t / 1e9, "vs plain": t_plain / t})
-    peak = {"fp32": matmul_rate(torch.float32) / 1e9, "bf16": matmul_rate(torch.bfloat16) / 1e9}
-    for r in rows:
-        r["% of fp32 peak"] = 100 * r["GFLOP/s"] / peak["fp32"]
-    print(f"site {args.site}, {n_tokens} tokens; measured matmul peak GFLOP/s: "
-          f"fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f}")
-    print(table(rows, ["method", "tokens/s", "vs plain", "GFLOP/s", "% of fp32 peak"]))
-    print("wrote", write("harvest", {"site": args.site, "tokens": n_tokens, "peak_gflops": peak,
-                                     "rows": rows}))
+    load_corpus(args.corpus)  # hashed and cached once, outside the timing
+    cfg = HarvestConfig(sites=args.sites, corpus=args.corpus, tokens=args.tokens,
+                        context=args.context, batch_tokens=args.batch_tokens,
+                        store_dtype=args.store_dtype)
+    _sync(lm.device)
+    start = time.perf_counter()
+    manifest = harvest(lm, cfg, folder)
+    _sync(lm.device)
+    wall = time.perf_counter() - start
+    forwarded = manifest.n_contexts * args.context
+    return {"wall_s": wall, "tokens_stored": manifest.n_tokens, "tokens_forwarded": forwarded,
+            "tokens_per_s": forwarded / wall, "forward": manifest.forward,
+            "shards": len(manifest.shards)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from saelab.models.load import load_model
+    from saelab.models.sites import resolve_sites
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--sites", default="resid_post.6,resid_post.12")
+    ap.add_argument("--corpus", default="builtin")
+    ap.add_argument("--tokens", type=int, default=30_000)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--batch-tokens", type=int, default=None,
+                    help="tokens per forward (both sides); default: harvest's own choice")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--store-dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: leave as is")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/results/harvest.json)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    depth = 1 + max(s.layer for s in resolve_sites(lm.arch, args.sites))
+    with tempfile.TemporaryDirectory(prefix="saelab-bench-harvest-") as tmp:
+        ours = saelab_rate(lm, args, Path(tmp) / "cache")
+    batch = ours["forward"]["batch_contexts"]
+    n_batches = max(2, ours["tokens_forwarded"] // (batch * args.context))
+    plain = plain_rate(lm, depth, batch, args.context, n_batches)
+    result = {"model": lm.name, "sites": args.sites, "depth_blocks": depth,
+              "device": str(lm.device), "dtype": str(next(lm.model.parameters()).dtype),
+              "threads": torch.get_num_threads(), "batch_contexts": batch,
+              "context": args.context, "saelab": ours, "plain_tokens_per_s": plain,
+              "ratio": ours["tokens_per_s"] / plain}
+    print(f"{lm.name} {args.sites} ({depth} blocks) on {result['device']}, {result['dtype']}, "
+          f"{result['threads']} thread(s), {batch}x{args.context} tokens per forward")
+    print(f"saelab harvest: {ours['tokens_per_s']:,.0f} tokens/s "
+          f"({ours['tokens_forwarded']:,} tokens in {ours['wall_s']:.1f} s, shards written)")
+    print(f"plain forward:  {plain:,.0f} tokens/s")
+    print(f"saelab/plain:   {result['ratio']:.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    else:
+        print("wrote", write("harvest", result))
+    return result
 
 
 if __name__ == "__main__":

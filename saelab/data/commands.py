@@ -18,7 +18,10 @@ def harvest(
     corpus: Annotated[str, typer.Option(help="builtin, a .txt/.jsonl/.parquet file, hf:NAME")] = "builtin",
     tokens: Annotated[int, typer.Option(help="Tokens to record per site.")] = 100_000,
     context: Annotated[int, typer.Option(help="Tokens per context.")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Contexts per forward pass.")] = 16,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Contexts per forward pass [default: 16 on the CPU; see --batch-tokens].")] = None,
+    batch_tokens: Annotated[int | None, typer.Option(
+        help="Tokens per forward pass [default on CUDA: sized from free memory].")] = None,
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = "auto",
     store_dtype: Annotated[str, typer.Option(help="Stored dtype.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -32,16 +35,19 @@ def harvest(
     from saelab.precision import DTYPES
 
     config = HarvestConfig(sites=sites, corpus=corpus, tokens=tokens, context=context,
-                           batch_size=batch_size, store_dtype=store_dtype)
+                           batch_size=batch_size, batch_tokens=batch_tokens,
+                           store_dtype=store_dtype)
     check_positions("--context", context, config_max_positions(model), model)
     choice("--dtype", dtype, ("auto", *DTYPES))
     manifest = harvest_with_progress(load_model(model, dtype=dtype, device=device), config, out)
     summary = {"out": str(out), "tokens": manifest.n_tokens, "shards": len(manifest.shards),
-               "sites": manifest.sites}
+               "sites": manifest.sites, "forward": manifest.forward}
     if json:
         return emit_json(summary)
+    per = (manifest.forward or {}).get("batch_tokens")
     console.print(f"harvested {manifest.n_tokens:,} tokens at {', '.join(manifest.sites)} "
-                  f"into {out} ({len(manifest.shards)} shards)")
+                  f"into {out} ({len(manifest.shards)} shards"
+                  + (f", {per:,} tokens per forward)" if per else ")"))
 
 
 def harvest_with_progress(lm, config, out: Path, rank: int = 0, world_size: int = 1):

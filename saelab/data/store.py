@@ -54,6 +54,7 @@ class Manifest:
     tokens_target: int
     shards: list[dict] = field(default_factory=list)  # {file, n_contexts, n_tokens, sha256}
     version: int = FORMAT_VERSION
+    forward: dict | None = None  # how harvest forwarded: batch_contexts, batch_tokens, device
 
     @property
     def n_contexts(self) -> int:
@@ -72,9 +73,10 @@ class Manifest:
         return self.identity["sites"]
 
     def to_json(self) -> str:
+        extra = {} if self.forward is None else {"forward": self.forward}
         return json.dumps({"version": self.version, "identity": self.identity,
                            "tokens_target": self.tokens_target, "n_tokens": self.n_tokens,
-                           "shards": self.shards}, indent=1)
+                           **extra, "shards": self.shards}, indent=1)
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
@@ -127,8 +129,15 @@ def _check_manifest(raw, path: Path) -> dict:
             integer(f"{path}: shards[{i}].{key}", shard.get(key), low=0, error=CorruptFileError)
         if not isinstance(shard.get("sha256"), str):
             raise bad(f"shards[{i}].sha256", "a hex digest", shard.get("sha256"))
+    forward = raw.get("forward")
+    if forward is not None:
+        if not isinstance(forward, dict):
+            raise bad("forward", "an object", forward)
+        if "batch_contexts" in forward:
+            integer(f"{path}: forward.batch_contexts", forward["batch_contexts"], low=1,
+                    error=CorruptFileError)
     return {"identity": identity, "tokens_target": raw["tokens_target"], "shards": shards,
-            "version": raw["version"]}
+            "version": raw["version"], "forward": forward}
 
 
 def identity_diff(old: dict, new: dict) -> list[str]:
@@ -191,6 +200,12 @@ class ShardWriter:
 
     def _commit_manifest(self) -> None:
         atomic_write_text(self.folder / MANIFEST, self.manifest.to_json())
+
+    def record_forward(self, forward: dict) -> None:
+        """Record how the harvest forwards (its batch), so a resumed run forwards the same."""
+        if self.manifest.forward != forward:
+            self.manifest.forward = forward
+            self._commit_manifest()
 
     def append(self, ids: torch.Tensor, special: torch.Tensor, acts: dict[str, torch.Tensor]
                ) -> None:

@@ -26,24 +26,15 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from saelab.data.engine import Chunk, forward_chunks, token_batches
 from saelab.data.outliers import norm_outliers
 from saelab.data.store import ActivationStore, ShardWriter
 from saelab.errors import SaelabError
-
-
-@dataclass
-class Chunk:
-    """Consecutive contexts: ids/special [n, context] on the host, acts {site: [n, context, d]}."""
-
-    ids: Tensor
-    special: Tensor
-    acts: dict[str, Tensor]
 
 
 def chunk_rows(special: Tensor, acts: Tensor, outlier_factor: float) -> tuple[Tensor, int]:
@@ -215,20 +206,13 @@ class ModelContexts:
         self._to_write: list[Chunk] = []
 
     def __iter__(self) -> Iterator[Chunk]:
-        from saelab.data.tokens import pack
-        from saelab.models.hooks import capture
-
         begin = self.position if self.writer is None else min(self.position, self._written)
         at = begin
-        for ids, special in pack(self.corpus, self.lm.tokenizer, self.context,
-                                 batch_size=self.chunk, skip=begin * self.world_size + self.rank,
-                                 rank=self.rank, world_size=self.world_size):
-            with torch.inference_mode(), capture(self.lm.model, self.sites, arch=self.lm.arch,
-                                                 stop_early=True) as cap:
-                cap.run(input_ids=ids.to(self.lm.device), use_cache=False)
-            acts = {s: cap.acts[s].to(dtype=self.dtype) for s in self.sites}
-            chunk = Chunk(ids, special, acts)
-            n = len(ids)
+        batches = token_batches(self.corpus, self.lm.tokenizer, self.context, self.chunk,
+                                skip=begin * self.world_size + self.rank, rank=self.rank,
+                                world_size=self.world_size)
+        for chunk in forward_chunks(self.lm, self.sites, batches, self.dtype):
+            n = len(chunk.ids)
             if self.writer is not None and at >= self._written:
                 self._write(chunk)
             at += n
