@@ -248,6 +248,21 @@ def test_held_out_skip_starts_after_the_training_text(lm, corpus):
         evaluate(lm, sae, corpus=corpus, tokens=256, context=ctx, bootstrap=0, skip_contexts=10_000)
 
 
+def test_held_out_skip_uses_the_contexts_the_run_read(lm, corpus):
+    """A streaming run reads ahead into its shuffling buffer: the SAE records the contexts it
+    read (`corpus_contexts`) and evaluation starts past them, not past the trained tokens."""
+    ctx = 64
+    meta = {"site": "resid_post.1", "corpus_hash": corpus.sha256, "context_size": ctx,
+            "train_config": {"tokens": 1000}, "corpus_contexts": 40}
+    sae = random_sae("relu", d_in=32, d_sae=64, metadata=meta)
+    skip, info = held_out_skip(sae.cfg, corpus, lm.tokenizer, ctx)
+    assert (skip, info["held_out"]) == (48, "yes")  # 40 read, rounded up to a 16-context batch
+    half = held_out_skip(sae.cfg, corpus, lm.tokenizer, ctx // 2 + 1)[0]  # shorter eval contexts
+    assert half == -(-48 * 63 // 32)
+    endless = random_sae("relu", d_in=32, d_sae=64, metadata={**meta, "corpus_contexts": 10**9})
+    assert held_out_skip(endless.cfg, corpus, lm.tokenizer, ctx)[1]["held_out"] == "no"
+
+
 def test_eval_config_validates():
     with pytest.raises(ValueError, match="batch_size"):
         EvalConfig(batch_size=0)

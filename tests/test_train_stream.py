@@ -279,3 +279,14 @@ def test_resume_refuses_a_cache_of_another_width_at_the_same_path(lm, corpus, tm
     harvest(wider, hc, tmp_path / "cache")
     with pytest.raises(SaelabError, match=r"data sites: was \{'resid_post\.1': 32\}, now \{'resid_post\.1': 64\}"):
         train(cfg, tmp_path / "cache", tmp_path / "run", resume=True)
+
+
+def test_saes_record_the_corpus_contexts_their_run_read(lm, corpus, tmp_path):
+    """The buffer reads ahead of what is trained: the SAE records every context read, so an
+    evaluation can start past them (saelab/evals/run.py held_out_skip)."""
+    cfg = config(sites=SITES[:1], tokens=8 * 256)
+    train(cfg, Stream(lm, corpus=corpus, context=32), tmp_path / "run")
+    read = load_sae(tmp_path / "run" / cfg.saes[0].label).cfg.metadata["corpus_contexts"]
+    # trained rows plus the buffer, refilled half at a time, so at least half full
+    assert read * 31 >= cfg.tokens + cfg.buffer_tokens // 2
+    assert read % cfg.chunk_contexts == 0

@@ -146,6 +146,12 @@ class CacheContexts:
         if self.total == 0:
             raise SaelabError(f"the cache {store.folder} holds no activations; harvest first.")
 
+    def corpus_contexts(self) -> int:
+        """Contexts of the corpus, from its start, that the cache's harvest read (a rank's
+        slice r/N of the corpus spans N times its own contexts)."""
+        slices = str(self.store.manifest.identity.get("slice", "0/1")).partition("/")[2]
+        return self.total * (int(slices) if slices.isdigit() else 1)
+
     def __iter__(self) -> Iterator[Chunk]:
         while True:
             offset = self.position % self.total
@@ -204,6 +210,10 @@ class ModelContexts:
         self.position = start
         self._written = writer.manifest.n_contexts if writer else None
         self._to_write: list[Chunk] = []
+
+    def corpus_contexts(self) -> int:
+        """Contexts of the corpus, from its start, read so far (every rank's slice)."""
+        return self.position * self.world_size
 
     def __iter__(self) -> Iterator[Chunk]:
         begin = self.position if self.writer is None else min(self.position, self._written)

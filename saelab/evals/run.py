@@ -237,11 +237,12 @@ def _assemble(cfg: EvalConfig, lm, sae, site: str, corpus: Corpus, skip: int, he
 def held_out_skip(sae_cfg, corpus: Corpus, tokenizer, context: int) -> tuple[int, dict]:
     """Contexts (of length `context`) to skip so that evaluation starts after the SAE's training text.
 
-    Known only for SAEs that `saelab train` trained from its own harvest of this
-    corpus: that harvest packed the same token stream and stopped after the batch
-    of HARVEST_BATCH contexts in which its non-special tokens reached the training
-    token count. We replay that count (tokenizing, no model), add a margin of four
-    batches, and convert the span to contexts of the evaluation's length.
+    Known only for SAEs that `saelab train` trained on this corpus. Its SAEs record
+    `corpus_contexts`, the contexts their run read from the corpus (streaming reads
+    ahead into its shuffling buffer); older ones are replayed: their harvest stopped
+    after the batch of HARVEST_BATCH contexts in which its non-special tokens reached
+    the training token count, plus a margin of four batches. The span is converted to
+    contexts of the evaluation's length (tokenizing, no model).
     """
     meta = sae_cfg.metadata
     trained = (meta.get("train_config") or {}).get("tokens")
@@ -251,17 +252,22 @@ def held_out_skip(sae_cfg, corpus: Corpus, tokenizer, context: int) -> tuple[int
     if meta["corpus_hash"] != corpus.sha256:
         return 0, {"held_out": "yes", "note": "the SAE was trained on another corpus."}
     train_ctx = int(meta.get("context_size") or context)
+    # Recorded by the trainer: the contexts its stream (or its cache's harvest) read, the
+    # shuffling buffer's read-ahead included. Older SAEs: replay the harvest's count.
+    read = meta.get("corpus_contexts")
+    read = read if isinstance(read, int) and not isinstance(read, bool) and read > 0 else None
     n_train, seen = 0, 0
     for ids, special in pack(corpus, tokenizer, train_ctx, batch_size=HARVEST_BATCH):
         n_train += len(ids)
         seen += int((~special).sum())
-        if seen >= trained:
+        if (n_train >= read) if read else (seen >= trained):
             break
     else:
         return 0, {"held_out": "no", "note": f"the SAE was trained on all of corpus {corpus.name!r}"
                    " (no held-out text is left): these numbers are on training text."}
     bos = int(context_bos_id(tokenizer) is not None)
-    span = (n_train + 4 * HARVEST_BATCH) * (train_ctx - bos)  # stream tokens read by the harvest
+    margin = 0 if read else 4 * HARVEST_BATCH
+    span = (n_train + margin) * (train_ctx - bos)  # stream tokens read by the training run
     skip = math.ceil(span / (context - bos))
     return skip, {"held_out": "yes", "note": f"skipped the first {skip} contexts, past the "
                   f"{trained:,} tokens the SAE was trained on."}

@@ -308,8 +308,11 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
 
             for obj in objectives:
                 stats = last.get(obj.spec.label, {})
+                # The corpus text the run read (the buffer reads ahead of what is trained):
+                # evaluations start past it to stay on held-out text.
                 sae = obj.export({"tokens_trained": steps * cfg.batch_size, "final": stats,
-                                  "l0": stats.get("l0")})
+                                  "l0": stats.get("l0"),
+                                  "corpus_contexts": stream.source.corpus_contexts()})
                 sae_dirs[obj.spec.label] = save_sae(sae, out / obj.spec.label,
                                                     log_sparsity=obj.log_sparsity())
         if own_ckpt and not shard_sites:
