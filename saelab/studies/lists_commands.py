@@ -80,7 +80,7 @@ def print_summary(results: dict, out: Path) -> None:
     from saelab.console import console, saelab_command
 
     for line in summary_lines(results):
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)  # copyable
     console.print(summary_table(results))
     some = next(iter(results["saes"].values()), None)
     if some:
@@ -93,7 +93,7 @@ def print_summary(results: dict, out: Path) -> None:
     times = ", ".join(f"{k} {v:.0f}s" for k, v in results["seconds"].items())
     console.print(f"time: {times}", highlight=False)
     console.print(f"report: {out / 'report.html'}   browse features: {saelab_command()} serve {out}",
-                  highlight=False, markup=False)
+                  highlight=False, markup=False, soft_wrap=True)  # a command split over lines fails
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:
