@@ -10,9 +10,40 @@ import sys
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+
+class OneLineErrors(TyperGroup):
+    """The parser's own errors (`--tokens nan` for an integer option, an unknown option)
+    as one line and exit 2, like every other bad input (saelab/console.py), instead of a
+    usage box. typer vendors click privately, so its exceptions are recognised by their
+    click interface (`exit_code`, `format_message`), not imported."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except Exception as err:
+            names = {c.__name__ for c in type(err).__mro__}
+            if "NoArgsIsHelpError" in names or "ClickException" not in names:
+                if "ClickException" in names:  # `saelab study` alone: its help, as click does
+                    err.show()
+                    sys.exit(err.exit_code)
+                if "Abort" in names:
+                    sys.exit(130)
+                raise
+            from saelab.console import error_line
+
+            where = getattr(getattr(err, "ctx", None), "command_path", None) or "saelab"
+            error_line(f"{err.format_message()} (see {where} --help)")
+            sys.exit(err.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(help="Sparse-autoencoder interpretability of language models, offline on a CPU.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  cls=OneLineErrors)
 
 
 @app.callback()

@@ -94,7 +94,7 @@ def user_errors(fn):
         except _UNEXPECTED as err:
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
-            _error_line(f"{command} failed: {type(err).__name__}: {err} "
+            error_line(f"{command} failed: {type(err).__name__}: {err} "
                         f"(unexpected; rerun with {DEBUG_ENV}=1 for the traceback)")
             raise typer.Exit(1) from None
 
@@ -103,11 +103,11 @@ def user_errors(fn):
 
 def exit_with(err) -> None:
     """Print a SaelabError as one line and exit with its code."""
-    _error_line(str(err))
+    error_line(str(err))
     raise typer.Exit(err.exit_code) from None
 
 
-def _error_line(message: str) -> None:
+def error_line(message: str) -> None:
     """One line: a message's own line breaks are joined, and rich must not wrap it."""
     text = ""
     for part in (p.strip() for p in message.splitlines()):

@@ -181,10 +181,8 @@ def test_bad_numeric_option(cmd, opt, kind, value_kind, tmp_path) -> None:
             [*cmd.split(), *base, opt, VALUES[value_kind]])
     result = invoke(args)
     if kind is int and value_kind == "nan":
-        # click's parser refuses a non-integer itself: exit 2, a usage message, no traceback
-        assert result.exit_code == 2 and "Traceback" not in result.output
-        assert result.output.startswith("Usage:") and "Error" in result.output
-        return
+        # typer's parser refuses a non-integer itself; saelab/cli.py makes that one line too
+        assert "valid integer" in result.output
     assert_one_line_exit_2(result, args)
 
 
