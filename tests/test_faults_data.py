@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from safetensors import SafetensorError
 from tiny_lm import tiny_lm
 from tiny_models import tiny_sae
@@ -67,6 +68,9 @@ def text_file(tmp_path_factory) -> Path:
 def killed(fault: str, fn, *args, **kwargs) -> None:
     """Run fn in a forked child that dies like kill -9 at the write point `fault`."""
     def child():
+        # A forked child must not use the parent's OpenMP pool (libgomp is not fork-safe:
+        # the harvest's background threads then wait forever on it).
+        torch.set_num_threads(1)
         os.environ[FAULT_ENV] = fault
         fn(*args, **kwargs)
         os._exit(0)  # reaching the end means the point was never hit
