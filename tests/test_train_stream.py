@@ -128,17 +128,25 @@ def test_resuming_a_finished_run_changes_nothing(lm, corpus, tmp_path):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
 
 
-def test_resume_refuses_a_different_cache_at_the_same_path(lm, corpus, tmp_path):
+@pytest.mark.parametrize(("change", "message"), [
+    ("tokens", r"data n_tokens: was"),
+    # Issue 13: another width was a `copy_` size mismatch; the cache's identity refuses it first.
+    ("width", r"data sites: was \{'resid_post\.1': 32\}, now \{'resid_post\.1': 64\}"),
+])
+def test_resume_refuses_a_different_cache_at_the_same_path(lm, corpus, tmp_path, change, message):
+    import shutil
+
     cfg = config(sites=SITES[:1], tokens=8 * 256)
     hc = HarvestConfig(sites="resid_post.1", corpus=corpus, tokens=6000, context=32, batch_size=4)
     harvest(lm, hc, tmp_path / "cache")
     with pytest.raises(Stop):
         train(cfg, tmp_path / "cache", tmp_path / "run", on_progress=stop_at(3 * 256))
-    import shutil
-
     shutil.rmtree(tmp_path / "cache")
-    harvest(lm, HarvestConfig(**{**hc.__dict__, "tokens": 7000}), tmp_path / "cache")
-    with pytest.raises(SaelabError, match="data n_tokens: was"):
+    if change == "tokens":
+        harvest(lm, HarvestConfig(**{**hc.__dict__, "tokens": 7000}), tmp_path / "cache")
+    else:
+        harvest(tiny_lm("llama", hidden_size=2 * lm.arch.d_model), hc, tmp_path / "cache")
+    with pytest.raises(SaelabError, match=message):
         train(cfg, tmp_path / "cache", tmp_path / "run", resume=True)
 
 
@@ -262,23 +270,6 @@ def test_out_of_memory_with_one_sae_is_an_error(lm, corpus, tmp_path, monkeypatc
     monkeypatch.setattr(SAEObjective, "train_step", oom)
     with pytest.raises(SaelabError, match="out of device memory training resid_post.1-topk-64-k4 alone"):
         train(config(sites=SITES[:1]), Stream(lm, corpus, context=32), tmp_path)
-
-
-def test_resume_refuses_a_cache_of_another_width_at_the_same_path(lm, corpus, tmp_path):
-    """Issue 13: a resumed run on a re-harvested cache whose site is another width was a
-    `copy_` size mismatch; the cache's identity (sites and widths) refuses it first."""
-    cfg = config(sites=SITES[:1], tokens=8 * 256)
-    hc = HarvestConfig(sites="resid_post.1", corpus=corpus, tokens=6000, context=32, batch_size=4)
-    harvest(lm, hc, tmp_path / "cache")
-    with pytest.raises(Stop):
-        train(cfg, tmp_path / "cache", tmp_path / "run", on_progress=stop_at(3 * 256))
-    import shutil
-
-    shutil.rmtree(tmp_path / "cache")
-    wider = tiny_lm("llama", hidden_size=2 * lm.arch.d_model)
-    harvest(wider, hc, tmp_path / "cache")
-    with pytest.raises(SaelabError, match=r"data sites: was \{'resid_post\.1': 32\}, now \{'resid_post\.1': 64\}"):
-        train(cfg, tmp_path / "cache", tmp_path / "run", resume=True)
 
 
 def test_saes_record_the_corpus_contexts_their_run_read(lm, corpus, tmp_path):
