@@ -194,3 +194,18 @@ def test_encode_prompts(word, smol):
     assert ids[0, mask[0] == 0].eq(smol.pad_token_id).all()
     with pytest.raises(ValueError, match="pad_side"):
         encode_prompts(word, ["a"], pad_side="middle")
+
+
+@pytest.mark.parametrize("name", ["smol", "word"])
+def test_generate_and_attribute_prompts_open_with_bos(name, request):
+    """Plain-text prompts reach the model as packed contexts do, BOS first and once, even
+    with a tokenizer that does not add BOS itself (SmolLM2): else the first word is the
+    attention sink and SAE features fire there hundreds of times."""
+    from saelab.attribution.attribute import prepare_prompts
+    from saelab.interventions.generate import _prepare
+
+    tok = request.getfixturevalue(name)
+    texts = ["the cat sat", tok.bos_token + " the cat sat"]
+    for rows in (prepare_prompts(texts, tok, chat=False), _prepare(texts, tok, chat=False)[1]):
+        for row in rows:
+            assert row[0] == tok.bos_token_id and row[1] != tok.bos_token_id

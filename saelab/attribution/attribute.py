@@ -44,7 +44,7 @@ from torch import Tensor
 
 from saelab.attribution.metrics import Metric, MetricBatch, as_metric
 from saelab.attribution.result import Attribution, SiteAttribution
-from saelab.data.tokens import chat_prompt, encode_prompts, pad_id, position_ids
+from saelab.data.tokens import chat_prompt, pad_id, position_ids, tokenize
 from saelab.interventions.splice import SAEs, bind_saes, unwrap
 from saelab.models.hooks import patch
 
@@ -65,7 +65,9 @@ def prepare_prompts(prompts: Any, tokenizer: Any, chat: bool, extra: Sequence[in
         if tokenizer is None:
             raise ValueError("attribute: text prompts need a tokenizer (pass an LM, or tokenizer=)")
         texts = [chat_prompt(tokenizer, p) for p in prompts] if chat else prompts
-        ids, mask = encode_prompts(tokenizer, texts, pad_side="right")
+        # BOS first, as every packed context the SAEs were trained on opens: without it the
+        # first word is the attention sink and features fire hundreds of times there.
+        ids, mask, _ = tokenize(tokenizer, texts, pad_side="right")
         lists = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
     else:
         if chat:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from saelab.checks import ABSURD, choice, integer, number
-from saelab.data.tokens import chat_prompt, encode_prompts, position_ids
+from saelab.data.tokens import chat_prompt, position_ids, tokenize
 from saelab.errors import BadValueError
 from saelab.interventions.edits import Edit, Frame, PatchEdit
 from saelab.interventions.splice import SAEs, splice, unwrap
@@ -178,7 +178,9 @@ def _prepare(prompts: Any, tokenizer: Any, chat: bool) -> tuple[list[str] | None
     if tokenizer is None:
         raise ValueError("generate: text prompts need a tokenizer (pass an LM, or tokenizer=)")
     texts = [chat_prompt(tokenizer, p) for p in prompts] if chat else prompts
-    ids, mask = encode_prompts(tokenizer, texts, pad_side="right")
+    # BOS first, as every packed context the SAEs were trained on opens: without it the
+    # first word is the attention sink and features fire hundreds of times there.
+    ids, mask, _ = tokenize(tokenizer, texts, pad_side="right")
     return texts, [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
 
 
