@@ -37,12 +37,16 @@ _hits: collections.Counter[str] = collections.Counter()
 
 
 def fault_point(name: str) -> None:
-    """Die here like kill -9 when SAELAB_FAULT names this point (tests only)."""
+    """Die here like kill -9 when SAELAB_FAULT names this point (tests only).
+
+    `point:N` dies at the Nth hit; `point:N@R` only in the torch.distributed rank R.
+    """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
+    spec, _, rank = spec.partition("@")
     point, _, nth = spec.partition(":")
-    if point != name:
+    if point != name or (rank and os.environ.get("RANK", "0") != rank):
         return
     _hits[name] += 1
     if _hits[name] == int(nth or 1):

@@ -23,11 +23,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(n: int, *args: str, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(n: int, *args: str, cwd, env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # a 5 s monitor: a rank that dies leaves the others time to reach the next barrier
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "saelab",
-           *args]
+           "--monitor-interval", "5", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "saelab", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
@@ -69,7 +70,8 @@ def test_site_sharded_ranks_train_different_saes(cache, tmp_path):
     assert {p.name for p in (out / "ckpt").iterdir()} == {"rank_0", "rank_1"}
 
 
-def test_two_process_streaming_each_rank_reads_its_own_slice(tmp_path):
+def stream_inputs(tmp_path):
+    """A tiny llama saved to a folder and a 4000-word corpus file."""
     from tiny_lm import tiny_lm
 
     lm = tiny_lm("llama")
@@ -78,6 +80,10 @@ def test_two_process_streaming_each_rank_reads_its_own_slice(tmp_path):
     words = [f"word{i % 97} thing{i % 13}" for i in range(4000)]
     (tmp_path / "text.txt").write_text("\n\n\n".join(" ".join(words[i:i + 40])
                                                      for i in range(0, 4000, 40)))
+
+
+def test_two_process_streaming_each_rank_reads_its_own_slice(tmp_path):
+    stream_inputs(tmp_path)
     out = tmp_path / "stream"
     done = torchrun(2, "train", "--model", str(tmp_path / "model"), "--corpus",
                     str(tmp_path / "text.txt"), "--context", "32", "--out", str(out),
@@ -94,3 +100,31 @@ def test_two_process_streaming_each_rank_reads_its_own_slice(tmp_path):
 
     ids = [ActivationStore(tmp_path / "saved" / f"rank_{r}").load_shard(0)["ids"] for r in (0, 1)]
     assert ids[0].shape == ids[1].shape and not torch.equal(ids[0], ids[1])
+
+
+def test_data_parallel_streaming_killed_between_the_ranks_saves_resumes_exactly(tmp_path):
+    """Rank 1 dies as it starts its second checkpoint, after rank 0 saved its own: the
+    resume must start both ranks at the first (each rank streams its own slice, so a
+    rank resumed one checkpoint ahead would train on other batches, or hang)."""
+    stream_inputs(tmp_path)
+    args = ["train", "--model", str(tmp_path / "model"), "--corpus", str(tmp_path / "text.txt"),
+            "--context", "32", "--sites", "resid_post.1", "--arch", "topk", "--width", "64",
+            "--k", "3", "--tokens", "8192", "--batch-size", "512", "--buffer-tokens", "1024",
+            "--checkpoint-every", "2048", "--dtype", "float32", "--deterministic", "--json"]
+    whole = torchrun(2, *args, "--out", str(tmp_path / "whole"), cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "parts"
+    killed = torchrun(2, *args, "--out", str(out), cwd=tmp_path,
+                      env={"SAELAB_FAULT": "checkpoint-save:2@1"})
+    assert killed.returncode != 0
+    steps = {r: json.loads((out / "ckpt" / f"rank_{r}" / "latest.json").read_text())["step"]
+             for r in (0, 1)}
+    assert steps == {0: 8, 1: 4}  # checkpoints every 4 steps; rank 1 never saved step 8
+    assert (out / "ckpt" / "rank_0" / "previous.json").is_file()
+    resumed = torchrun(2, *args, "--out", str(out), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    label = "resid_post.1-topk-64-k3"
+    a, b = load_sae(tmp_path / "whole" / label), load_sae(out / label)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+    assert not any((out / "ckpt" / f"rank_{r}" / "previous.json").exists() for r in (0, 1))

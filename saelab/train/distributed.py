@@ -50,6 +50,11 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def min_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

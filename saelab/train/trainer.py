@@ -27,9 +27,14 @@ import torch
 
 from saelab.data.store import ActivationStore, atomic_write_text
 from saelab.data.stream import BatchStream, CacheContexts, ModelContexts
-from saelab.errors import SaelabError, ShapeMismatchError
+from saelab.errors import CorruptFileError, SaelabError, ShapeMismatchError
 from saelab.precision import DTYPES, dtype_name, resolve_dtype
-from saelab.train.checkpoint import load_checkpoint, read_run_record, save_checkpoint
+from saelab.train.checkpoint import (
+    drop_previous,
+    load_checkpoint,
+    read_run_record,
+    save_checkpoint,
+)
 from saelab.train.config import TrainConfig
 from saelab.train.distributed import SINGLE, Dist
 from saelab.train.objective import TOPK_FAMILY, SAEObjective
@@ -209,7 +214,12 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
     own_ckpt = shard_sites or (dist.active and (streaming or cache_per_rank))
     saves_ckpt = writes or own_ckpt
     ckpt_dir = out / "ckpt" / (f"rank_{dist.rank}" if own_ckpt else "")
-    ckpt = load_checkpoint(ckpt_dir) if resume else None
+    # Data-parallel ranks with their own streams must resume at one step: a kill can land
+    # between two ranks' saves, so each keeps its previous checkpoint until all saved.
+    agree = own_ckpt and not shard_sites and dist.active
+    ckpt = None
+    if resume:
+        ckpt = _agreed_checkpoint(ckpt_dir, dist, cfg.steps, dev) if agree else load_checkpoint(ckpt_dir)
     info = ckpt[1] if ckpt else {}
     labels = [[mine[i].label for i in g] for g in groups]
     if info.get("finished"):
@@ -299,7 +309,10 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
                 on_progress((g * steps + step + 1) * cfg.batch_size, total,
                             {"tokens/s": rate, "group": f"{g + 1}/{n_groups}", "saes": last})
             if saves_ckpt and ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
-                _checkpoint(ckpt_dir, objectives, stream, g, step + 1, final)
+                _checkpoint(ckpt_dir, objectives, stream, g, step + 1, final, agree)
+                if agree:
+                    dist.barrier()  # every rank holds this step: the one before can go
+                    drop_previous(ckpt_dir)
         if isinstance(stream.source, ModelContexts):
             stream.source.flush()
         final |= last
@@ -319,7 +332,10 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
             dist.barrier()  # rank 0 saved the SAEs before any rank marks the group done
         if saves_ckpt:  # the group is done: its SAEs are saved, the next pass starts at 0
             save_checkpoint(ckpt_dir, 0, {}, {"group": g + 1, "step": 0, "final": final,
-                                              "finished": g + 1 == n_groups})
+                                              "finished": g + 1 == n_groups}, keep_previous=agree)
+            if agree:
+                dist.barrier()
+                drop_previous(ckpt_dir)
         del objectives, stream
     dist.barrier()
     rate = trained_steps * cfg.batch_size / max(time.perf_counter() - started, 1e-9)
@@ -404,12 +420,31 @@ def _metadata(spec, provenance: dict, cfg: TrainConfig) -> dict:
 
 
 def _checkpoint(folder: Path, objectives, stream: BatchStream, group: int, step: int,
-                final: dict) -> None:
+                final: dict, keep_previous: bool = False) -> None:
     tensors = {f"{i}/{k}": v.detach().cpu() for i, obj in enumerate(objectives)
                for k, v in obj.state_tensors().items()}
     stream_tensors, stream_info = stream.state()
     save_checkpoint(folder, step, tensors | stream_tensors,
-                    {"group": group, "stream": stream_info, "final": final})
+                    {"group": group, "stream": stream_info, "final": final},
+                    keep_previous=keep_previous)
+
+
+def _agreed_checkpoint(folder: Path, dist: Dist, steps: int, dev) -> tuple | None:
+    """The newest checkpoint that every data-parallel rank holds (see checkpoint.py)."""
+    def position(ckpt) -> int:  # runs through groups: group g's step s, then g + 1's 0
+        return -1 if ckpt is None else int(ckpt[1].get("group", 0)) * (steps + 1) + int(ckpt[1]["step"])
+
+    ckpt = load_checkpoint(folder)
+    mine = position(ckpt)
+    agreed = int(dist.min_(torch.tensor([mine], dtype=torch.int64, device=dev)).item())
+    if mine != agreed:
+        ckpt = load_checkpoint(folder, "previous") if agreed >= 0 else None
+        if position(ckpt) != agreed:
+            raise CorruptFileError(
+                f"the ranks' checkpoints under {folder.parent} disagree: this rank's newest is "
+                f"at position {mine}, another rank's at {agreed}, which this rank no longer "
+                f"holds; delete {folder.parent} to restart training from scratch.")
+    return ckpt
 
 
 def _truncate_metrics(path: Path, group: int, step: int) -> None:
