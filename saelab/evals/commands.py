@@ -154,6 +154,8 @@ def register(app: typer.Typer) -> None:
         `saelab eval --suite all SAE_A SAE_B --out DIR` writes DIR/report.html."""
         from saelab.checks import ABSURD, integer
 
+        integer("--feature-tokens", feature_tokens, low=1, high=ABSURD)  # checked even when off
+        integer("--explain-features", explain_features, low=1, high=ABSURD)
         if suite is not None:
             from saelab.evals.suite_commands import suite_cli
 
