@@ -84,6 +84,8 @@ class SuiteContext:
     lm: Any
     config: SuiteConfig
     out: Path
+    entries: list[SAEEntry] = field(default_factory=list)
+    """Every SAE of the suite (a metric may compute for all of them at once)."""
     cache: dict = field(default_factory=dict)
     """Shared across SAEs and metrics: computed once per suite."""
     notes: list[str] = field(default_factory=list)
@@ -118,10 +120,12 @@ def interpretation_metrics(ctx: SuiteContext, entry: SAEEntry) -> dict[str, dict
     c = ctx.config
     if "embedder" not in ctx.cache:
         ctx.cache["embedder"] = sentence_embedder()
-    folders = build_index(ctx.lm, {entry.name: (entry.sae, entry.path)}, ctx.out / "features",
-                          IndexConfig(tokens=c.feature_tokens, corpus=c.corpus, context=c.context,
-                                      batch_size=c.batch_size, ablate=0, cards=32))
-    summary = explain_index(folders[entry.name], ExplainConfig(
+    if "feature_indexes" not in ctx.cache:  # one collection pass feeds every SAE's index
+        ctx.cache["feature_indexes"] = build_index(
+            ctx.lm, {e.name: (e.sae, e.path) for e in ctx.entries}, ctx.out / "features",
+            IndexConfig(tokens=c.feature_tokens, corpus=c.corpus, context=c.context,
+                        batch_size=c.batch_size, ablate=0, cards=32))
+    summary = explain_index(ctx.cache["feature_indexes"][entry.name], ExplainConfig(
         features=c.explain_features, negatives=c.negatives, bootstrap=c.bootstrap, seed=c.seed),
         embedder=ctx.cache["embedder"])
     a, ctl = summary["auroc"], summary["control_auroc"]
@@ -200,7 +204,7 @@ def run_suite(lm: Any, entries: Sequence[SAEEntry] | Mapping[str, tuple[Any, Any
     names = suite_metrics(suite)
     check_sites(lm, entries)
     started = time.perf_counter()
-    ctx = SuiteContext(lm, config, Path(out))
+    ctx = SuiteContext(lm, config, Path(out), list(entries))
     ctx.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for e in entries:
