@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,7 @@ class FeatureRecord:
     top: list[tuple[str, str, str]]  # (left, token, right) of its top examples: the explaining half
     held_out: list[str]  # window texts where it fires, not shown to the explainer
     lens: list[str]  # logit-lens top tokens
+    fires_at: set[tuple[int, int]] = field(default_factory=set)  # its examples' (context, position)
 
 
 def _window(tokens: list[str], centre: int) -> tuple[str, str, str]:
@@ -133,7 +134,8 @@ def feature_records(folder: Path, config: ExplainConfig) -> tuple[list[FeatureRe
                 seen |= {key, text(i)}
                 held_texts.append(text(i))
         top_w = [_window(rows["tokens"][i], rows["position"][i] - rows["start"][i]) for i in explain]
-        records.append(FeatureRecord(f, top_w, held_texts, [t for t in (lens[j] or [])]))
+        fires_at = {(rows["context"][i], rows["position"][i]) for i in idx}
+        records.append(FeatureRecord(f, top_w, held_texts, list(lens[j] or []), fires_at))
     pool_texts = [("".join(t), f, (c, p)) for t, f, c, p in zip(
         pool["tokens"], pool["feature"], pool["context"], pool["position"], strict=True)]
     return records, pool_texts
@@ -163,8 +165,8 @@ def rule_explanation(rec: FeatureRecord, source: str, n: int) -> str:
 
 def negatives_for(rec: FeatureRecord, pool: list[tuple[str, int, tuple]], n: int,
                   rng: np.random.Generator) -> list[str]:
-    """n random pool texts that come from other features' examples."""
-    others = [t for t, f, _ in pool if f != rec.feature]
+    """n random pool texts from other features' examples, at none of `rec`'s own."""
+    others = [t for t, f, key in pool if f != rec.feature and key not in rec.fires_at]
     pick = rng.choice(len(others), size=min(n, len(others)), replace=False)
     return [others[i] for i in pick]
 
