@@ -49,10 +49,11 @@ def suite_cli(saes: list[Path], *, json: bool = False, **kw: Any) -> None:
         status.stop()
     if json:
         return emit_json(result)
-    names = metric_names(result)
-    table = Table("SAE", "arch", *names, title="suite (95% intervals)")
-    for r in result["saes"]:
-        table.add_row(r["sae"], r["architecture"], *[str(cell(r["metrics"].get(n))) for n in names])
+    # one row per metric, one column per SAE: metrics outnumber SAEs and fit a terminal so
+    table = Table("metric", *[f"{r['sae']}\n({r['architecture']})" for r in result["saes"]],
+                  title="suite: value [95% interval]")
+    for n in metric_names(result):
+        table.add_row(n, *[str(cell(r["metrics"].get(n))) for r in result["saes"]])
     console.print(table)
     for note in result["notes"]:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
