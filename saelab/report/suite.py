@@ -41,11 +41,11 @@ def metric_names(result: Mapping) -> list[str]:
 
 def metric_plot(result: Mapping, metric: str) -> bytes | None:
     """PNG of `metric` against L0, one point per SAE with its 95% interval, shaped by architecture."""
-    points = []
-    for r in result["saes"]:
+    points = []  # (row, L0, metric entry); rows are numbered #1.. as in the table
+    for i, r in enumerate(result["saes"]):
         m, l0 = r["metrics"].get(metric), (r["metrics"].get("l0") or {}).get("value")
         if m and m.get("value") is not None and l0 is not None:
-            points.append((r, l0, m))
+            points.append(({**r, "n": i + 1}, l0, m))
     if not points:
         return None
     fig = new_figure((4.2, 3.0))
@@ -60,7 +60,7 @@ def metric_plot(result: Mapping, metric: str) -> bytes | None:
         ax.errorbar(xs, ys, yerr=err, fmt=MARKERS[i % len(MARKERS)], capsize=3, label=arch,
                     color=None if len(archs) > 1 else COLOR)
         for (r, x, m) in sel:
-            ax.annotate(r["sae"][-18:], (x, m["value"]), fontsize=6, alpha=0.7,
+            ax.annotate(f"#{r['n']}", (x, m["value"]), fontsize=7, alpha=0.8,
                         xytext=(3, 3), textcoords="offset points")
     better = "lower" if metric in result.get("lower_is_better", ()) else "higher"
     ax.set_xlabel("L0 (active latents per token)")
@@ -72,9 +72,10 @@ def metric_plot(result: Mapping, metric: str) -> bytes | None:
 
 def render_suite(result: Mapping) -> str:
     names = metric_names(result)
-    header = ["SAE", "architecture", "width", "k", "site", *names]
-    rows = [[r["sae"], r["architecture"], r["d_sae"], r["k"] if r["k"] is not None else "–",
-             r["site"], *[cell(r["metrics"].get(n)) for n in names]] for r in result["saes"]]
+    header = ["#", "SAE", "architecture", "width", "k", "site", *names]
+    rows = [[i + 1, r["sae"], r["architecture"], r["d_sae"], r["k"] if r["k"] is not None else "–",
+             r["site"], *[cell(r["metrics"].get(n)) for n in names]]
+            for i, r in enumerate(result["saes"])]
     plots = [image(png, f"{n} against L0") for n in names if n != "l0"
              if (png := metric_plot(result, n)) is not None]
     cfg = result["config"]
