@@ -107,3 +107,24 @@ def test_bad_inputs(tmp_path, index):
         explain_index(tmp_path)
     with pytest.raises(ValueError, match="source"):
         ExplainConfig(source="gpt")
+
+
+def test_explain_command_with_a_local_explainer_folder(index, tmp_path):
+    from typer.testing import CliRunner
+
+    from saelab.cli import app
+
+    lm, folder = index
+    model_dir = tmp_path / "explainer"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    res = CliRunner().invoke(app, ["explain", str(folder.parent), "--explainer", str(model_dir),
+                                   "--features", "2", "--negatives", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out[str(folder)]["source"] == f"lm:{model_dir}"
+    assert out[str(folder)]["features_explained"] == 2
+    res = CliRunner().invoke(app, ["explain", str(folder), "--scorer", "gpt4"])
+    assert res.exit_code == 2 and "embedding" in res.output
+    res = CliRunner().invoke(app, ["explain", str(tmp_path)])
+    assert res.exit_code == 2 and "no feature index" in res.output
