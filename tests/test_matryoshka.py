@@ -7,6 +7,7 @@ import torch
 
 from saelab.errors import BadValueError
 from saelab.sae import load_sae, matryoshka_widths, prefix_sae, save_sae
+from saelab.sae.info import format_info, sae_info
 from saelab.sae.matryoshka import widths_from_fractions
 from saelab.train.config import SAESpec, TrainConfig
 from saelab.train.objective import SAEObjective
@@ -62,6 +63,7 @@ def test_saved_as_saelens_jumprelu_with_its_levels(tmp_path):
     back = load_sae(tmp_path / "m")
     assert back.cfg.metadata["trained_architecture"] == "matryoshka_batchtopk"
     assert matryoshka_widths(back) == [16, 64]
+    assert "nested prefixes [16, 64]" in format_info(sae_info(tmp_path / "m"))
     torch.testing.assert_close(back.eval()(x[:64]).x_hat, sae.eval()(x[:64]).x_hat)
     # a prefix of a JumpReLU SAE decodes exactly the first latents of the full SAE
     f = sae.encode(x[:64])
