@@ -42,7 +42,7 @@ def run_explain(path: str | Path, *, explainer: str | None = None, device: str =
 def register(app: typer.Typer) -> None:
     from rich.table import Table
 
-    from saelab.console import console, emit_json, user_errors
+    from saelab.console import console, emit_json, progress, user_errors
 
     @app.command("explain")
     @user_errors
@@ -64,8 +64,23 @@ def register(app: typer.Typer) -> None:
         """
         if scorer != "embedding":
             raise SaelabError(f"--scorer {scorer!r}: the scorer available is 'embedding'")
-        results = run_explain(index, explainer=explainer, device=device, source=source,
-                              features=features, negatives=negatives, seed=seed)
+        bar, task = None, None
+
+        def explained(done: int, total: int) -> None:  # only an LM explainer takes long
+            nonlocal bar, task
+            if bar is None:
+                bar = progress()
+                bar.start()
+                task = bar.add_task("explain", total=total, info="")
+            bar.update(task, completed=done, total=total, info=f"{done} features")
+
+        try:
+            results = run_explain(index, explainer=explainer, device=device, source=source,
+                                  features=features, negatives=negatives, seed=seed,
+                                  on_progress=None if json else explained)
+        finally:
+            if bar is not None:
+                bar.stop()
         if json:
             return emit_json(results)
         table = Table("index", "source", "scored", "AUROC mean [95% CI]", "median", "control",
