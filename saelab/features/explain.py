@@ -91,7 +91,8 @@ def _window(tokens: list[str], centre: int) -> tuple[str, str, str]:
     return "".join(tokens[:centre]), tokens[centre], "".join(tokens[centre + 1:])
 
 
-def feature_records(folder: Path, config: ExplainConfig) -> tuple[list[FeatureRecord], list[str]]:
+def feature_records(folder: Path, config: ExplainConfig
+                    ) -> tuple[list[FeatureRecord], list[tuple[str, int, tuple[int, int]]]]:
     """The records of the features to explain, and a pool of random window texts (with the
     feature each came from and its (context, position), to leave a feature's own out)."""
     index = ix.FeatureIndex.open(folder)
