@@ -27,7 +27,8 @@ VALUES = {"zero": "0", "negative": "-5", "nan": "nan", "absurd": "1000000000000"
 # Valid (command, option, value kind) pairs, with why; these are not run.
 ALLOWED = {
     **{(cmd, "--seed", kind): "any seed >= 0 is a seed"
-       for cmd in ("train", "eval", "features", "generate", "study lists", "study synthetic")
+       for cmd in ("train", "eval", "features", "generate", "study lists", "study synthetic",
+                   "explain")
        for kind in ("zero", "absurd")},
     ("eval", "--bootstrap", "zero"): "0 replicates: no intervals (documented)",
     ("attribute", "--verify", "zero"): "0: no verification (the default)",
@@ -57,6 +58,7 @@ REQUIRED = {
     "train": ["--out", "{tmp}/t"],
     "eval": ["{tmp}/sae"],
     "features": ["{tmp}/sae"],
+    "explain": ["{tmp}/index"],
     "serve": ["{tmp}/run"],
     "attribute": ["--prompt", "x", "--sae", "{tmp}/sae", "--metric", 'logprob:"a"'],
     "generate": ["--prompt", "x"],

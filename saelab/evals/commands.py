@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     @user_errors
     def eval_cmd(
-        sae: Annotated[Path, typer.Argument(help="SAE folder (any format saelab reads).")],
+        saes: Annotated[list[Path], typer.Argument(help="SAE folder (any format saelab reads); several with --suite.")],
         model: Annotated[str | None, typer.Option("--model", "-m", help="Model; default the SAE's recorded model.")] = None,
         tokens: Annotated[int, typer.Option(help="Token positions to evaluate (about 70/s on 2 CPU cores for a 135M model: 3 forwards each).")] = 10_000,
         corpus: Annotated[str, typer.Option(help="builtin, a .txt/.jsonl/.parquet file, hf:NAME")] = "builtin",
@@ -143,10 +143,30 @@ def register(app: typer.Typer) -> None:
         sensitivity_n: Annotated[int, typer.Option(help="Bases of --sensitivity.")] = 200,
         out: Annotated[Path | None, typer.Option(help="Output folder; default SAE/eval.")] = None,
         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+        suite: Annotated[str | None, typer.Option(help="Evaluate several SAEs on every metric of a suite ('all', or names: reconstruction,interpretation) into one page in --out.")] = None,
+        feature_tokens: Annotated[int, typer.Option(help="--suite: tokens collected for the features that interpretation explains.")] = 20_000,
+        explain_features: Annotated[int, typer.Option(help="--suite: features explained and scored per SAE.")] = 100,
         json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
     ) -> None:
-        """Evaluate an SAE: L0, FVU, cosine, shrinkage, dead/dense, ΔCE, loss recovered, KL."""
+        """Evaluate an SAE: L0, FVU, cosine, shrinkage, dead/dense, ΔCE, loss recovered, KL.
+
+        With --suite, several SAEs on every metric (with intervals) and plots against L0:
+        `saelab eval --suite all SAE_A SAE_B --out DIR` writes DIR/report.html."""
         from saelab.checks import ABSURD, integer
+
+        integer("--feature-tokens", feature_tokens, low=1, high=ABSURD)  # checked even when off
+        integer("--explain-features", explain_features, low=1, high=ABSURD)
+        if suite is not None:
+            from saelab.evals.suite_commands import suite_cli
+
+            return suite_cli(saes, suite=suite, model=model, out=out, device=device, json=json,
+                             tokens=tokens, corpus=corpus, context=context, batch_size=batch_size,
+                             bootstrap=bootstrap, seed=seed, feature_tokens=feature_tokens,
+                             explain_features=explain_features)
+        if len(saes) != 1:
+            raise SaelabError(f"{len(saes)} SAEs given: `saelab eval` takes one SAE, or several "
+                              "with --suite all (one page comparing them).")
+        sae = saes[0]
 
         integer("--sensitivity-n", sensitivity_n, low=2, high=ABSURD)  # checked even when off
         status = console.status("loading the model and the SAE, finding held-out text")

@@ -166,6 +166,10 @@ def register(app: typer.Typer) -> None:
         run_dir = Path(next(iter(summary.values()))).parent
         console.print(f"browse with: saelab serve {run_dir}")
 
+    from saelab.features.explain_commands import register as register_explain
+
+    register_explain(app)
+
     @app.command("serve")
     @user_errors
     def serve_cmd(

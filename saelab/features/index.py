@@ -146,7 +146,9 @@ def write_ablation(folder: Path, rows: dict[str, np.ndarray], vocab: dict[int, s
 
 
 # Every file an index folder's set may hold: a rebuild replaces all of them together.
-INDEX_FILES = (INDEX, FEATURES, EXAMPLES, ABLATION, "dashboard.html")
+# explanations.* (features/explain.py) described the old build: a rebuild drops them.
+INDEX_FILES = (INDEX, FEATURES, EXAMPLES, ABLATION, "dashboard.html", "explanations.parquet",
+               "explanations.json")
 
 
 def write_index(folder: Path, write: Callable[[Path], None]) -> Path:

@@ -1,4 +1,4 @@
-"""Sparse autoencoders: four architectures on one small interface, and their file formats.
+"""Sparse autoencoders: five architectures on one small interface, and their file formats.
 
 from saelab.sae import load_sae, save_sae
 sae = load_sae("path/to/sae")           # SAELens, Gemma Scope 1/2, sparsify, dictionary_learning
@@ -19,6 +19,7 @@ from saelab.sae.base import (
 from saelab.sae.batchtopk import BatchTopKSAE
 from saelab.sae.formats import detect_format, load_sae, save_sae
 from saelab.sae.jumprelu import JumpReLUFn, JumpReLUSAE, StepFn
+from saelab.sae.matryoshka import MatryoshkaBatchTopKSAE, matryoshka_widths, prefix_sae
 from saelab.sae.relu import ReLUSAE, l1_penalty
 from saelab.sae.topk import TopKSAE
 
@@ -35,6 +36,9 @@ __all__ = [
     "JumpReLUSAE",
     "TopKSAE",
     "BatchTopKSAE",
+    "MatryoshkaBatchTopKSAE",
+    "matryoshka_widths",
+    "prefix_sae",
     "JumpReLUFn",
     "StepFn",
     "l1_penalty",

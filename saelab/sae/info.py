@@ -60,6 +60,8 @@ def format_info(info: dict[str, Any]) -> str:
     if info["trained_architecture"] != arch:
         arch += f" (trained as {info['trained_architecture']})"
     k = f", k={info['k']}" if info["k"] is not None else ""
+    if info["metadata"].get("matryoshka_widths"):
+        k += f", nested prefixes {info['metadata']['matryoshka_widths']}"
     l0 = "not recorded"
     if info["l0"] is not None:
         l0 = f"{info['l0']} (from {info['l0_source']})"

@@ -20,17 +20,25 @@ def _ints(text: str, name: str) -> list[int]:
         raise SaelabError(f"--{name} takes comma-separated integers, got {text!r}") from None
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SaelabError(f"--groups takes comma-separated fractions, got {text!r}") from None
+
+
 @user_errors
 def train(
     out: Annotated[Path, typer.Option(help="Run folder: run.json, metrics.jsonl, one folder per SAE.")],
     sites: Annotated[str, typer.Option(help="Sites, comma separated, globs ok (resid_post.*): one SAE per site x width x k.")] = "resid_post.12",
     model: ModelOpt = "smollm2-135m-instruct",
     cache: Annotated[Path | None, typer.Option(help="Train from this activation cache instead of streaming from the model.")] = None,
-    arch: Annotated[str, typer.Option(help="relu, jumprelu, topk or batchtopk.")] = "batchtopk",
+    arch: Annotated[str, typer.Option(help="relu, jumprelu, topk, batchtopk or matryoshka_batchtopk.")] = "batchtopk",
     width: Annotated[str, typer.Option(help="Latents; several comma separated.")] = "4608",
     k: Annotated[str, typer.Option(help="Active latents per token (top-k family); several ok.")] = "32",
     l1: Annotated[float, typer.Option(help="L1 coefficient (relu).")] = 0.1,
     l0_coef: Annotated[float, typer.Option(help="L0 coefficient (jumprelu).")] = 1e-2,
+    groups: Annotated[str, typer.Option(help="matryoshka_batchtopk: fractions of the width per nested group, comma separated, summing to 1 (default 1/32,1/16,1/8,1/4,17/32).")] = "",
     tokens: Annotated[int, typer.Option(help="Training tokens.")] = 2_000_000,
     corpus: Annotated[str, typer.Option(help="Corpus to stream when no --cache is given.")] = "builtin",
     context: Annotated[int, typer.Option(help="Tokens per context when streaming.")] = 128,
@@ -59,7 +67,7 @@ def train(
     parallel (each rank streams its own slice of the corpus, or reads its
     share of every batch of a --cache), or site sharded with --shard-sites.
     """
-    from saelab.train.config import SAESpec, TrainConfig
+    from saelab.train.config import TOPK_ARCHS, SAESpec, TrainConfig
     from saelab.train.distributed import from_env
     from saelab.train.trainer import Stream, fmt_progress, parse_bytes, resolve_device
     from saelab.train.trainer import train as run_train
@@ -68,9 +76,10 @@ def train(
 
     def config(site_names: list[str]) -> TrainConfig:
         # k means nothing to relu/jumprelu; min(32, w) keeps the spec valid at any width.
-        specs = tuple(SAESpec(site, arch=arch, width=w, k=kk, l1=l1, l0_coef=l0_coef)
+        specs = tuple(SAESpec(site, arch=arch, width=w, k=kk, l1=l1, l0_coef=l0_coef,
+                              groups=_fractions(groups))
                       for site in site_names for w in _ints(width, "width")
-                      for kk in (_ints(k, "k") if arch in ("topk", "batchtopk")
+                      for kk in (_ints(k, "k") if arch in TOPK_ARCHS
                                  else [min(32, w)]))
         return TrainConfig(saes=specs, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
                            dtype=dtype, checkpoint_every=checkpoint_every,

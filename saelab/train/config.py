@@ -13,7 +13,8 @@ from saelab.checks import ABSURD, MAX_SEED, boolean, choice, integer, number
 from saelab.errors import BadValueError
 from saelab.precision import DTYPES
 
-ARCHS = ("relu", "jumprelu", "topk", "batchtopk")
+ARCHS = ("relu", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk")
+TOPK_ARCHS = ("topk", "batchtopk", "matryoshka_batchtopk")
 # 2^24 latents x a 4096-wide site is 2^36 float32 weights (256 GiB) per matrix: past any
 # machine this runs on, so a larger width is a typo.
 MAX_WIDTH = 2**24
@@ -29,7 +30,7 @@ class SAESpec:
     site: str
     """Canonical site name, e.g. `resid_post.12`."""
     arch: str = "batchtopk"
-    """relu, jumprelu, topk or batchtopk."""
+    """relu, jumprelu, topk, batchtopk or matryoshka_batchtopk."""
     width: int = 4608
     """Number of latents (d_sae)."""
     k: int = 32
@@ -38,6 +39,9 @@ class SAESpec:
     """L1 coefficient (relu), on inputs scaled to unit mean squared norm."""
     l0_coef: float = 1e-2
     """L0 coefficient λ (jumprelu)."""
+    groups: tuple[float, ...] = ()
+    """matryoshka_batchtopk: fractions of the width in each nested group, summing to 1
+    (dictionary_learning's group_fractions); () = 1/32, 1/16, 1/8, 1/4, 17/32."""
 
     def __post_init__(self):
         choice("arch", self.arch, ARCHS)
@@ -48,11 +52,28 @@ class SAESpec:
         # Inputs have unit mean squared norm: past MAX_COEF the first step kills every latent.
         number("l1", self.l1, low=0, high=MAX_COEF)
         number("l0_coef", self.l0_coef, low=0, high=MAX_COEF)
+        object.__setattr__(self, "groups", tuple(self.groups))  # a list from JSON
+        if self.groups and self.arch != "matryoshka_batchtopk":
+            raise BadValueError(f"groups={self.groups} is for arch matryoshka_batchtopk, "
+                                f"not {self.arch}; drop --groups")
+        try:
+            _ = self.matryoshka_widths
+        except (ValueError, TypeError) as err:
+            raise BadValueError(f"groups: {err}") from None
 
     @property
     def label(self) -> str:
         return f"{self.site}-{self.arch}-{self.width}" + (
-            f"-k{self.k}" if self.arch in ("topk", "batchtopk") else "")
+            f"-k{self.k}" if self.arch in TOPK_ARCHS else "")
+
+    @property
+    def matryoshka_widths(self) -> list[int] | None:
+        """matryoshka_batchtopk: the nested prefix widths (the last = width); else None."""
+        if self.arch != "matryoshka_batchtopk":
+            return None
+        from saelab.sae.matryoshka import DEFAULT_FRACTIONS, widths_from_fractions
+
+        return widths_from_fractions(self.width, self.groups or DEFAULT_FRACTIONS)
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,11 @@ from saelab.train.config import SAESpec, TrainConfig
 from saelab.train.distributed import SINGLE, Dist
 from saelab.train.sparse_ops import SparseCodes, SparseDecode, SparseEncodeGrad, topk_codes_masked
 
-TOPK_FAMILY = ("topk", "batchtopk")
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
+BATCH_FAMILY = ("batchtopk", "matryoshka_batchtopk")  # one batch-level top-k
 BATCHTOPK_CAP = 4  # a token holds at most this many times k of the batch's k·N codes
 EXACT_BATCHTOPK_ON_CPU = True  # tests turn it off to check the device path on the CPU
-STAT_KEYS = ("loss", "mse", "fvu", "l0", "auxk", "sparsity", "capped")
+STAT_KEYS = ("loss", "mse", "fvu", "l0", "auxk", "sparsity", "capped", "fvu_first")
 
 
 def default_lr(spec: SAESpec) -> float:
@@ -59,7 +60,9 @@ class SAEObjective:
         self.sae: SAE = build_sae(SAEConfig(
             spec.arch, d_in=d_in, d_sae=spec.width,
             k=spec.k if spec.arch in TOPK_FAMILY else None,
-            apply_b_dec_to_input=spec.arch != "jumprelu", metadata=metadata), init=False)
+            apply_b_dec_to_input=spec.arch != "jumprelu",
+            metadata=metadata | ({"matryoshka_widths": spec.matryoshka_widths}
+                                 if spec.matryoshka_widths else {})), init=False)
         self.sae.reset_parameters_(generator=gen)
         self.sae = self.sae.to(dev)
         self.sae.requires_grad_(False)
@@ -218,6 +221,7 @@ class SAEObjective:
         self._stats.zero_()
         self._stat_steps = 0
         keys = {"topk": ("mse", "fvu", "l0", "auxk"), "batchtopk": ("mse", "fvu", "l0", "auxk", "capped"),
+                "matryoshka_batchtopk": ("mse", "fvu", "l0", "auxk", "capped", "fvu_first"),
                 "relu": ("mse", "fvu", "l0", "sparsity"), "jumprelu": ("mse", "fvu", "l0", "sparsity")}
         named = dict(zip(STAT_KEYS, values, strict=True))
         return {k: named[k] for k in keys[self.spec.arch]} | {
@@ -283,7 +287,7 @@ class SAEObjective:
         sae, n = self.sae, x.shape[0]
         xc, pre = self._encode_pre(x, subtract_b_dec=True)
         stats = {}
-        if self.spec.arch == "batchtopk":
+        if self.spec.arch in BATCH_FAMILY:
             rows, cols, keep, stats["capped"] = self._batch_topk(pre)
             with torch.no_grad():
                 vals = pre.reshape(-1)[rows * pre.shape[1] + cols].float()
@@ -303,6 +307,8 @@ class SAEObjective:
         x_hat = SparseDecode.apply(codes, vals, sae.W_dec) + sae.b_dec
         loss = losses.mse(x_hat, x)
         stats |= {"mse": loss, "fvu": losses.fvu(x_hat.detach(), x), "l0": keep_f.sum() / n}
+        if self.spec.matryoshka_widths:
+            loss, stats["fvu_first"] = self._matryoshka_loss(codes, cols, vals, x, loss)
         if self.any_dead and self.cfg.auxk_alpha > 0:  # AuxK: dead latents explain the residual
             dead = self.since_fired >= self.cfg.dead_tokens
             # k_aux = min(d_in / 2, dead latents), as a fixed-size top-k over the dead ones
@@ -320,6 +326,22 @@ class SAEObjective:
         counts = torch.zeros(self.spec.width, dtype=torch.float64, device=x.device)
         counts.index_add_(0, cols, keep.to(torch.float64))
         return loss, stats, counts
+
+    def _matryoshka_loss(self, codes: SparseCodes, cols: Tensor, vals: Tensor, x: Tensor,
+                         full_mse: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean over the nested prefixes [0, w) of their reconstruction MSE (the last prefix
+        is the whole SAE, whose MSE is `full_mse`), and the first prefix's FVU.
+
+        Equal weights per level, as dictionary_learning's default; each prefix decodes
+        only its own codes (the others masked to 0), so a level costs one sparse decode."""
+        widths = self.spec.matryoshka_widths
+        total, first = full_mse, None
+        for w in widths[:-1]:
+            x_hat_w = SparseDecode.apply(codes, vals * (cols < w), self.sae.W_dec) + self.sae.b_dec
+            total = total + losses.mse(x_hat_w, x)
+            if first is None:
+                first = losses.fvu(x_hat_w.detach(), x)
+        return total / len(widths), first if first is not None else full_mse.new_zeros(())
 
     def _dense_loss(self, x: Tensor, sparsity_w: float):
         sae = self.sae
@@ -351,7 +373,7 @@ class SAEObjective:
             getattr(sae, name).copy_(getattr(self.sae, name).cpu())
         if self.spec.arch == "jumprelu":
             sae._set_threshold_(self.threshold.clamp(min=0).cpu())
-        if self.spec.arch == "batchtopk":
+        if self.spec.arch in BATCH_FAMILY:
             sae.threshold.fill_(float(self.batch_threshold))
         sae.fold_scale_(self.scale.cpu())
         return sae.for_export()
