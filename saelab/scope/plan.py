@@ -54,6 +54,9 @@ class ScopeConfig:
     seed: int = 0
     dtype: str = "auto"
     """SAE compute dtype while training (auto: bf16 where the hardware has it)."""
+    model_dtype: str = "auto"
+    """dtype of the model forwards that feed training and dashboards (auto: bf16 where the
+    hardware has it); the evaluation always runs the model in float32 (ΔCE is ~1e-2 nats)."""
     buffer_tokens: int = 32_768
     checkpoint_every: int = 100_000
     bootstrap: int = 1000
