@@ -162,3 +162,29 @@ def test_site_kind_error_lists_the_kinds():
     with pytest.raises(SiteError, match="it has: resid_pre, attn_z, attn_out, resid_mid, mlp_in, "
                                         "mlp_out, resid_post"):
         plan_saes(ScopeConfig(sites=("attn",), widths=(64,), l0s=(4,)), lm.arch)
+
+
+def test_jumprelu_target_l0_loss_reaches_each_target():
+    """The documented JumpReLU method: λ·(L0/target − 1)² pulls the mean L0 to each target."""
+    from saelab.train.config import SAESpec, TrainConfig
+    from saelab.train.objective import SAEObjective
+
+    def final_l0(target: float) -> float:
+        spec = SAESpec("resid_post.0", arch="jumprelu", width=64, l0_coef=1.0, target_l0=target)
+        cfg = TrainConfig(saes=(spec,), tokens=256 * 200, batch_size=256, lr=1e-2,
+                          sparsity_warmup=0.0)
+        obj = SAEObjective(spec, 16, cfg, torch.float32, {"site": "resid_post.0"})
+        g = torch.Generator().manual_seed(0)
+        mix = torch.randn(64, 16, generator=g)
+        for i in range(cfg.steps):  # sparse codes through a random dictionary
+            codes = torch.rand(256, 64, generator=g) * (torch.rand(256, 64, generator=g) < 0.1)
+            obj.train_step(codes @ mix, cfg.steps)
+            if i == cfg.steps - 21:
+                obj.read_stats()  # the mean over the last 20 steps follows
+        return obj.read_stats()["l0"]
+
+    l0s = [final_l0(t) for t in (2, 8, 24)]
+    assert l0s[0] < l0s[1] < l0s[2]
+    for got, want in zip(l0s, (2, 8, 24), strict=True):
+        assert want / 2.5 < got < want * 2.5, (got, want)
+    assert SAESpec("a.0", arch="jumprelu", width=64, target_l0=8).label.endswith("-l08")
