@@ -188,3 +188,23 @@ def test_jumprelu_target_l0_loss_reaches_each_target():
     for got, want in zip(l0s, (2, 8, 24), strict=True):
         assert want / 2.5 < got < want * 2.5, (got, want)
     assert SAESpec("a.0", arch="jumprelu", width=64, target_l0=8).label.endswith("-l08")
+
+
+def test_presets_expand_to_every_layer_and_kind():
+    from saelab.scope.commands import resolve_config
+    from saelab.scope.plan import plan_saes
+
+    lm = tiny_lm("llama", num_hidden_layers=30)
+    none = dict(sites=None, layers=None, widths=None, l0=None, arch=None, tokens=None,
+                eval_tokens=None, feature_tokens=None, batch_size=None, corpus=None,
+                context=None, seed=None)
+    quick = resolve_config("m", 32, preset="quick", **none)
+    planned = plan_saes(quick, lm.arch)
+    assert len(planned) == 90 and {p.width for p in planned} == {64}
+    assert {p.site_kind for p in planned} == {"resid_post", "attn_out", "mlp_out"}
+    full = resolve_config("m", 32, preset="full", **none)
+    assert full.widths == (128, 512) and full.arch == "jumprelu" and len(full.l0s) == 3
+    assert full.tokens >= 10_000_000
+    assert len(plan_saes(full, lm.arch)) == 90 * 2 * 3
+    mine = resolve_config("m", 32, preset="quick", **{**none, "layers": "0-2", "l0": "8,16"})
+    assert mine.layers == (0, 1, 2) and mine.l0s == (8, 16) and mine.arch == "batchtopk"

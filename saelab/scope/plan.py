@@ -99,7 +99,7 @@ def json_ready(obj: Any) -> Any:
 
 # quick: the CPU preset (see README "Scope" for its measured time); full: a GPU's.
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": dict(sites=SCOPE_KINDS, layers=None, widths=(1152,), l0s=(32,), arch="batchtopk",
+    "quick": dict(sites=SCOPE_KINDS, layers=None, widths=("2x",), l0s=(32,), arch="batchtopk",
                   tokens=300_000, batch_size=2048, eval_tokens=2048, feature_tokens=8192,
                   ablate=0, buffer_tokens=32_768, checkpoint_every=100_000),
     "full": dict(sites=SCOPE_KINDS, layers=None, widths=("4x", "16x"), l0s=(16, 32, 64),
