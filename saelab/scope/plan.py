@@ -39,7 +39,7 @@ class ScopeConfig:
     arch: str = "batchtopk"
     tokens: int = 300_000
     """Training tokens (every SAE sees every token, from the same forwards)."""
-    batch_size: int = 2048
+    batch_size: int = 1024
     """Tokens per optimizer step."""
     lr: float | None = None
     """Adam learning rate; default the trainer's for the architecture and width."""
@@ -57,7 +57,7 @@ class ScopeConfig:
     model_dtype: str = "auto"
     """dtype of the model forwards that feed training and dashboards (auto: bf16 where the
     hardware has it); the evaluation always runs the model in float32 (ΔCE is ~1e-2 nats)."""
-    buffer_tokens: int = 32_768
+    buffer_tokens: int = 16_384
     checkpoint_every: int = 100_000
     bootstrap: int = 1000
 
@@ -97,11 +97,14 @@ def json_ready(obj: Any) -> Any:
     return obj
 
 
-# quick: the CPU preset (see README "Scope" for its measured time); full: a GPU's.
+# quick: the CPU preset (see README "Scope" for its measured time); its 90 SAEs and
+# their shuffling buffers take ~7.5 GB (SAEObjective.nbytes at batch 1024 + 2 x 16,384
+# rows x 576 x bf16 per site), so they train in one pass on a machine with ~10 GB free.
+# full: a GPU's.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(sites=SCOPE_KINDS, layers=None, widths=("2x",), l0s=(32,), arch="batchtopk",
-                  tokens=300_000, batch_size=2048, eval_tokens=2048, feature_tokens=8192,
-                  ablate=0, buffer_tokens=32_768, checkpoint_every=100_000),
+                  tokens=300_000, batch_size=1024, eval_tokens=2048, feature_tokens=8192,
+                  ablate=0, buffer_tokens=16_384, checkpoint_every=100_000),
     "full": dict(sites=SCOPE_KINDS, layers=None, widths=("4x", "16x"), l0s=(16, 32, 64),
                  arch="jumprelu", tokens=40_000_000, batch_size=4096, eval_tokens=65_536,
                  feature_tokens=1_000_000, ablate=64, buffer_tokens=262_144,
