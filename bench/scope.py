@@ -17,7 +17,7 @@ preset's time by stage, extrapolated to all 30 layers of the embedded model.
    (`build_scope`, as `saelab scope --preset quick --layers ... --tokens ... --eval-tokens ...`).
 3. Extrapolation to the quick preset itself (all 30 layers x 3 kinds = 90 SAEs,
    its token count): training = one full-depth forward per token (measured alone
-   here) + 90 x the per-SAE step cost (from run 2); evaluation (also scaled to the
+   here) + 90 x one SAE's steady-state step cost (`step_cost`); evaluation (also scaled to the
    preset's held-out tokens: its cost is linear in them), layout, dashboards
    and report scale with the number of SAEs (the layers are spread over the depth,
    so their spliced forwards are as long on average as the full set's).
@@ -173,8 +173,9 @@ def main() -> None:
         stages, cpu = scope.stages, _cpu_seconds(scope)
     full_n = 3 * lm.arch.n_layers
     q_tokens = PRESETS["quick"]["tokens"]
-    per_sae_train = max(cpu["train"] - fc, 0.0) / n  # CPU s per SAE over args.tokens
-    est = {"train": (fc + full_n * per_sae_train) * q_tokens / args.tokens}
+    # training: the forward plus 90 SAEs' steady-state steps, per token, times the preset's
+    # tokens (a 300k-token run amortizes each SAE's set-up and saving)
+    est = {"train": (fc + full_n * shares["steady"]) * q_tokens / args.tokens}
     for stage in ("eval", "layout", "features", "report"):
         est[stage] = cpu[stage] * full_n / n
     est["eval"] *= PRESETS["quick"]["eval_tokens"] / args.eval_tokens  # linear in tokens
