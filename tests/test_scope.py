@@ -23,9 +23,8 @@ SMALL = ["--sites", ",".join(KINDS), "--layers", "all", "--widths", "64", "--l0"
 
 
 def _app() -> typer.Typer:
-    from saelab.cli import _register_commands, app
+    from saelab.cli import app  # every stage's commands, registered on import
 
-    _register_commands()
     return app
 
 
