@@ -42,6 +42,9 @@ class SAESpec:
     groups: tuple[float, ...] = ()
     """matryoshka_batchtopk: fractions of the width in each nested group, summing to 1
     (dictionary_learning's group_fractions); () = 1/32, 1/16, 1/8, 1/4, 17/32."""
+    target_l0: float = 0.0
+    """jumprelu: when > 0 the sparsity loss is λ·(L0/target_l0 − 1)², which pulls the mean
+    L0 to the target from either side, instead of λ·L0 (0: plain λ·L0, as Gemma Scope)."""
 
     def __post_init__(self):
         choice("arch", self.arch, ARCHS)
@@ -60,11 +63,13 @@ class SAESpec:
             _ = self.matryoshka_widths
         except (ValueError, TypeError) as err:
             raise BadValueError(f"groups: {err}") from None
+        number("target_l0", self.target_l0, low=0, high=self.width)
 
     @property
     def label(self) -> str:
         return f"{self.site}-{self.arch}-{self.width}" + (
-            f"-k{self.k}" if self.arch in TOPK_ARCHS else "")
+            f"-k{self.k}" if self.arch in TOPK_ARCHS else "") + (
+            f"-l0{self.target_l0:g}" if self.arch == "jumprelu" and self.target_l0 else "")
 
     @property
     def matryoshka_widths(self) -> list[int] | None:
