@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from saelab.scope.export import ExportConfig, cantor, export_neuronpedia, source_id
 from saelab.scope.layout import read_scope
 
-S, I, F, B, L, D = str, int, float, bool, list, dict
+S, N, F, B, L, D = str, int, float, bool, list, dict
 OPT = type(None)
 # Neuronpedia's records (utils/neuronpedia-utils db_models, Prisma schema): field -> types
 RELEASE = {"name": S, "description": S, "creatorName": S, "creatorId": S, "visibility": S,
@@ -24,41 +24,41 @@ RELEASE = {"name": S, "description": S, "creatorName": S, "creatorId": S, "visib
            "defaultSourceSetName": (S, OPT), "defaultSourceId": (S, OPT),
            "defaultUmapSourceIds": L, "createdAt": S}
 MODEL = {"id": S, "instruct": B, "creatorId": S, "displayNameShort": S, "displayName": S,
-         "tlensId": (S, OPT), "dimension": (I, OPT), "visibility": S,
+         "tlensId": (S, OPT), "dimension": (N, OPT), "visibility": S,
          "defaultSourceSetName": (S, OPT), "defaultSourceId": (S, OPT), "inferenceEnabled": B,
-         "layers": I, "neuronsPerLayer": I, "createdAt": S, "owner": S, "updatedAt": S,
+         "layers": N, "neuronsPerLayer": N, "createdAt": S, "owner": S, "updatedAt": S,
          "website": (S, OPT)}
 SOURCE_SET = {"modelId": S, "name": S, "creatorId": S, "hasDashboards": B, "visibility": S,
               "description": S, "type": S, "creatorName": S, "urls": L, "creatorEmail": (S, OPT),
-              "releaseName": (S, OPT), "defaultOfModelId": (S, OPT), "defaultRange": I,
+              "releaseName": (S, OPT), "defaultOfModelId": (S, OPT), "defaultRange": N,
               "defaultShowBreaks": B, "showDfa": B, "showCorrelated": B,
               "showHeadAttribution": B, "showUmap": B, "createdAt": S}
 SOURCE = {"id": S, "modelId": S, "setName": S, "creatorId": S, "hasDashboards": B,
           "inferenceEnabled": B, "inferenceHosts": L, "saelensConfig": (D, OPT),
           "saelensRelease": (S, OPT), "saelensSaeId": (S, OPT), "hfRepoId": (S, OPT),
           "hfFolderId": (S, OPT), "visibility": S, "defaultOfModelId": (S, OPT), "hasUmap": B,
-          "hasUmapLogSparsity": B, "hasUmapClusters": B, "num_prompts": (I, OPT),
-          "num_tokens_in_prompt": (I, OPT), "dataset": (S, OPT), "notes": (S, OPT),
+          "hasUmapLogSparsity": B, "hasUmapClusters": B, "num_prompts": (N, OPT),
+          "num_tokens_in_prompt": (N, OPT), "dataset": (S, OPT), "notes": (S, OPT),
           "createdAt": S}
 FEATURE = {"modelId": S, "layer": S, "index": S, "creatorId": (S, OPT), "createdAt": S,
-           "maxActApprox": (F, I, OPT), "hasVector": B, "vector": L, "vectorLabel": (S, OPT),
-           "vectorDefaultSteerStrength": (F, I, OPT), "hookName": (S, OPT),
+           "maxActApprox": (F, N, OPT), "hasVector": B, "vector": L, "vectorLabel": (S, OPT),
+           "vectorDefaultSteerStrength": (F, N, OPT), "hookName": (S, OPT),
            "topkCosSimIndices": L, "topkCosSimValues": L, "neuron_alignment_indices": L,
            "neuron_alignment_values": L, "neuron_alignment_l1": L,
            "correlated_neurons_indices": L, "correlated_neurons_pearson": L,
            "correlated_neurons_l1": L, "correlated_features_indices": L,
            "correlated_features_pearson": L, "correlated_features_l1": L, "neg_str": L,
-           "neg_values": L, "pos_str": L, "pos_values": L, "frac_nonzero": (F, I),
+           "neg_values": L, "pos_str": L, "pos_values": L, "frac_nonzero": (F, N),
            "freq_hist_data_bar_heights": L, "freq_hist_data_bar_values": L,
            "logits_hist_data_bar_heights": L, "logits_hist_data_bar_values": L,
            "decoder_weights_dist": L, "sourceSetName": (S, OPT)}
-ACTIVATION = {"id": S, "tokens": L, "index": S, "layer": S, "modelId": S, "maxValue": (F, I),
-              "maxValueTokenIndex": I, "minValue": (F, I), "values": L, "creatorId": S,
+ACTIVATION = {"id": S, "tokens": L, "index": S, "layer": S, "modelId": S, "maxValue": (F, N),
+              "maxValueTokenIndex": N, "minValue": (F, N), "values": L, "creatorId": S,
               "dataSource": (S, OPT), "dataIndex": (S, OPT), "dfaValues": L,
-              "dfaTargetIndex": (I, OPT), "dfaMaxValue": (F, OPT), "createdAt": S,
-              "lossValues": L, "logitContributions": (S, OPT), "binMin": (F, I, OPT),
-              "binMax": (F, I, OPT), "binContains": (F, I, OPT),
-              "qualifyingTokenIndex": (I, OPT), "zIndices": (L, OPT), "zValues": (L, OPT)}
+              "dfaTargetIndex": (N, OPT), "dfaMaxValue": (F, OPT), "createdAt": S,
+              "lossValues": L, "logitContributions": (S, OPT), "binMin": (F, N, OPT),
+              "binMax": (F, N, OPT), "binContains": (F, N, OPT),
+              "qualifyingTokenIndex": (N, OPT), "zIndices": (L, OPT), "zValues": (L, OPT)}
 EXPLANATION = {"id": S, "modelId": S, "layer": S, "index": S, "description": S, "authorId": S,
                "embedding": (L, OPT), "triggeredById": (S, OPT), "typeName": (S, OPT),
                "explanationModelName": (S, OPT), "notes": (S, OPT), "createdAt": S}
@@ -110,7 +110,7 @@ def test_every_record_has_neuronpedia_fields_and_types(exported):
     check(lines(out / "config" / "eval_type.jsonl")[0],
           {"name": S, "displayName": S, "description": S, "longerDescription": S,
            "outputSchema": D, "featured": B, "url": (S, OPT)}, "eval type")
-    for sae_id, sid in res.sources.items():
+    for sid in res.sources.values():
         folder = out / "tiny-llama" / sid
         for name, fields in (("release", RELEASE), ("model", MODEL), ("sourceset", SOURCE_SET),
                              ("source", SOURCE), ("evals", EVAL)):

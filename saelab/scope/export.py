@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,7 @@ def export_neuronpedia(scope_dir: str | os.PathLike, out: str | os.PathLike,
         raise SaelabError(f"{out} exists and is not empty; give a new folder, or --overwrite "
                           "to replace it")
     model_id = config.model_id or slug(scope.model)
-    now = config.created_at or datetime.now(timezone.utc).isoformat()
+    now = config.created_at or datetime.now(UTC).isoformat()
     result = ExportResult(out, model_id)
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
