@@ -210,3 +210,18 @@ def test_cli_export_and_refusals(exported, tmp_path):
                               str(scope_dir), "--model-id", "../up"])
     assert bad.exit_code == 2 and "--model-id" in bad.output
     assert not Path(tmp_path / "y").exists()
+
+
+def test_names():
+    from saelab.scope.export import scan_name, slug, source_set_name
+    from saelab.scope.layout import ScopeEntry
+
+    e = ScopeEntry(id="x", site="resid_post.3", site_kind="resid_post", layer=3, width=16384,
+                   arch="jumprelu", target_l0=None, average_l0=30.6, params=None, native="n")
+    assert source_set_name(e) == "saelab-res-16k"
+    assert source_id(e) == "3-saelab-res-16k__l0-31"  # Neuronpedia's <layer>-<set>__l0-<N>
+    assert scan_name("m", e) == "m-saelab-res-16k__target-l0-31"
+    assert slug("runs/SmolLM2 135M/") == "smollm2-135m"
+    assert [cantor(0, 5), cantor(2, 0), cantor(1, 1)] == [20, 3, 4]
+    with pytest.raises(Exception, match="--model-id"):
+        ExportConfig(model_id="../x")

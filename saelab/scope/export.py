@@ -99,7 +99,9 @@ def source_id(e: ScopeEntry) -> str:
 
 
 def scan_name(model_id: str, e: ScopeEntry) -> str:
-    return f"{model_id}-{source_set_name(e)}__target-l0-{_num_label(e.target_l0)}"
+    """One site kind, width and target L0 across layers (the measured L0 when none was set)."""
+    target = e.target_l0 if e.target_l0 is not None else round(e.average_l0)
+    return f"{model_id}-{source_set_name(e)}__target-l0-{_num_label(target)}"
 
 
 def cantor(layer: int, feature: int) -> int:
