@@ -38,6 +38,9 @@ class SAESpec:
     """L1 coefficient (relu), on inputs scaled to unit mean squared norm."""
     l0_coef: float = 1e-2
     """L0 coefficient λ (jumprelu)."""
+    target_l0: float = 0.0
+    """jumprelu: when > 0 the sparsity loss is λ·(L0/target_l0 − 1)², which pulls the mean
+    L0 to the target from either side, instead of λ·L0 (0: plain λ·L0, as Gemma Scope)."""
 
     def __post_init__(self):
         choice("arch", self.arch, ARCHS)
@@ -48,11 +51,13 @@ class SAESpec:
         # Inputs have unit mean squared norm: past MAX_COEF the first step kills every latent.
         number("l1", self.l1, low=0, high=MAX_COEF)
         number("l0_coef", self.l0_coef, low=0, high=MAX_COEF)
+        number("target_l0", self.target_l0, low=0, high=self.width)
 
     @property
     def label(self) -> str:
         return f"{self.site}-{self.arch}-{self.width}" + (
-            f"-k{self.k}" if self.arch in ("topk", "batchtopk") else "")
+            f"-k{self.k}" if self.arch in ("topk", "batchtopk") else "") + (
+            f"-l0{self.target_l0:g}" if self.arch == "jumprelu" and self.target_l0 else "")
 
 
 @dataclass(frozen=True)

@@ -332,7 +332,11 @@ class SAEObjective:
             theta = self.threshold.clamp(min=0)
             eps = self.cfg.jumprelu_bandwidth
             feats = JumpReLUFn.apply(pre, theta, eps)
-            penalty = self.spec.l0_coef * StepFn.apply(pre, theta, eps).sum(-1).mean()
+            l0 = StepFn.apply(pre, theta, eps).sum(-1).mean()
+            if self.spec.target_l0:  # a target L0: pulled to it from above and below
+                penalty = self.spec.l0_coef * (l0 / self.spec.target_l0 - 1).pow(2)
+            else:
+                penalty = self.spec.l0_coef * l0
         x_hat = feats @ sae.W_dec + sae.b_dec
         recon = losses.mse(x_hat, x)
         loss = recon + sparsity_w * penalty
