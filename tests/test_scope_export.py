@@ -225,3 +225,25 @@ def test_names():
     assert [cantor(0, 5), cantor(2, 0), cantor(1, 1)] == [20, 3, 4]
     with pytest.raises(Exception, match="--model-id"):
         ExportConfig(model_id="../x")
+
+
+def test_without_dashboards_and_same_mean_l0(tmp_path):
+    import dataclasses
+
+    from saelab.scope.layout import write_scope
+
+    scope_dir = make_tiny_scope(tmp_path, features=False)
+    scope = read_scope(scope_dir)
+    first = scope.entries[0]
+    twin = dataclasses.replace(first, id=first.id + "-b", target_l0=8)  # measured the same L0
+    scope.entries.append(twin)
+    write_scope(scope_dir, scope)
+    res = export_neuronpedia(scope_dir, tmp_path / "np", ExportConfig(circuit_tracer=False))
+    assert len(set(res.sources.values())) == 7
+    assert res.sources[twin.id] == source_id(first) + "-target-8"
+    assert (res.features, res.activations, res.circuit_tracer_files) == (0, 0, 0)
+    folder = tmp_path / "np" / "model" / res.sources[twin.id]
+    (source,) = lines(folder / "source.jsonl")
+    assert source["hasDashboards"] is False and not (folder / "features").exists()
+    (ev,) = lines(folder / "evals.jsonl")
+    assert ev["output"] == twin.metrics

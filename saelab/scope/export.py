@@ -153,6 +153,10 @@ class _Writer:
         from saelab.features.index import FeatureIndex, NotAnIndexError
 
         sid = source_id(e)
+        if sid in self.result.sources.values():  # two target L0s that measured the same mean L0
+            sid = f"{sid}-target-{_num_label(e.target_l0 if e.target_l0 is not None else 0)}"
+        if sid in self.result.sources.values():
+            sid = f"{sid}-{len(self.result.sources)}"
         folder = self.out / self.model_id / sid
         index = None
         if e.features is not None and (self.dir / e.features / "index.json").is_file():
