@@ -89,6 +89,9 @@ def test_index_pickers_plot_and_missing(page, base_url):
     assert page.locator("#depth-plot polyline.series").count() == 1
     page.select_option("#pick-layer", "1")
     assert page.locator("#scope-table tr").count() == 1 + 1
+    page.select_option("#pick-l0", "4")  # the target L0
+    assert page.locator("#scope-table tr").count() == 1 + 1
+    assert "null" not in page.inner_text("#main")
     page.select_option("#plot-metric", "kl")
     assert "kl" in page.locator("#depth-plot circle title").first.text_content()
     shot(page, "index")

@@ -43,11 +43,12 @@ function depthPlot(rows, metric, kinds) {
     svg.appendChild(svgEl("text", {x: X(x), y: top + h + 14, "text-anchor": "middle", "font-size": 10}, String(x)));
   }
   svg.appendChild(svgEl("text", {x: (left + w) / 2, y: top + h + 28, "text-anchor": "middle", "font-size": 11}, "layer"));
-  const several = uniq(rows.map((r) => r.width + "/" + r.target_l0)).length > 1;
+  const groups = uniq(rows.map((r) => r.width + "/" + r.target_l0));  // dashed lines tell them apart
+  const several = groups.length > 1;
   const series = new Map();
   for (const r of pts) {
-    const key = r.site_kind + (several ? ` w${r.width} L0 ${fmt(r.target_l0)}` : "");
-    if (!series.has(key)) series.set(key, {kind: r.site_kind, pts: []});
+    const key = r.site_kind + (several ? ` w${r.width} target L0 ${fmt(r.target_l0)}` : "");
+    if (!series.has(key)) series.set(key, {kind: r.site_kind, group: groups.indexOf(r.width + "/" + r.target_l0), pts: []});
     series.get(key).pts.push(r);
   }
   let row = 0;
@@ -55,13 +56,15 @@ function depthPlot(rows, metric, kinds) {
     const colour = KIND_COLOURS[kinds.indexOf(s.kind) % KIND_COLOURS.length];
     const sorted = s.pts.sort((a, b) => a.layer - b.layer);
     svg.appendChild(svgEl("polyline", {fill: "none", stroke: colour, "stroke-width": 1.5, class: "series",
+      "stroke-dasharray": ["", "6 3", "2 2", "8 2 2 2"][s.group % 4],
       "data-series": key, points: sorted.map((r) => `${X(r.layer)},${Y(r.metrics[metric])}`).join(" ")}));
     for (const r of sorted) {
       const c = svgEl("circle", {cx: X(r.layer), cy: Y(r.metrics[metric]), r: 3, fill: colour});
       c.appendChild(svgEl("title", {}, `${r.id}: ${metric} ${fmt(r.metrics[metric])}`));
       svg.appendChild(c);
     }
-    svg.appendChild(svgEl("rect", {x: w + 10, y: top + row * 16, width: 10, height: 10, fill: colour}));
+    svg.appendChild(svgEl("line", {x1: w + 6, x2: w + 22, y1: top + row * 16 + 5, y2: top + row * 16 + 5,
+      stroke: colour, "stroke-width": 2, "stroke-dasharray": ["", "6 3", "2 2", "8 2 2 2"][s.group % 4]}));
     svg.appendChild(svgEl("text", {x: w + 24, y: top + row * 16 + 9, "font-size": 11}, key));
     row += 1;
   }
@@ -77,24 +80,25 @@ async function scopeHome(scope) {
   const pickers = el("p", {class: "form", id: "pickers"},
     select("pick-kind", "site kind", kinds), select("pick-layer", "layer", uniq(rows.map((r) => r.layer)).sort((a, b) => a - b)),
     select("pick-width", "width", uniq(rows.map((r) => r.width)).sort((a, b) => a - b)),
-    select("pick-l0", "L0", uniq(rows.map((r) => r.average_l0)).sort((a, b) => a - b)),
+    select("pick-l0", "target L0", uniq(rows.map((r) => r.target_l0)).sort((a, b) => a - b)),
     el("label", {}, "plot ", el("select", {id: "plot-metric"}, ...METRICS.map((m) => el("option", {value: m}, m)))));
   const table = el("div", {id: "scope-table-box"}), plot = el("div", {id: "plot-box"});
   const bad = rows.filter((r) => r.status !== "ok");
   const stages = Object.entries(scope.stages || {});
-  main.replaceChildren(el("h1", {}, `Scope of ${scope.model}`),
+  main.replaceChildren(...[el("h1", {}, `Scope of ${scope.model}`),
     el("p", {class: "muted"}, `${rows.length} ${scope.kind === "transcoder" ? "transcoders" : "SAEs"} · ` +
        `${scope.n_layers} layers · d_model ${scope.d_model}`),
     bad.length ? el("div", {id: "scope-missing"}, ...bad.map((r) => el("p", {class: "error"}, `${r.id}: ${r.status} (${r.problem})`))) : null,
     pickers, el("h2", {}, "Metrics against depth"), plot, el("h2", {}, "SAEs"), table,
     stages.length ? el("h2", {}, "Time per stage") : null,
-    stages.length ? el("table", {class: "kv", id: "stages"}, ...stages.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {class: "num"}, fmt(v) + " s")))) : null);
+    stages.length ? el("table", {class: "kv", id: "stages"}, ...stages.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {class: "num"}, fmt(v) + " s")))) : null]
+    .filter((c) => c !== null));  // replaceChildren would show a null as the text "null"
   const value = (id) => document.getElementById(id).value;
   const render = () => {
     const shown = rows.filter((r) => (!value("pick-kind") || r.site_kind === value("pick-kind"))
       && (!value("pick-layer") || String(r.layer) === value("pick-layer"))
       && (!value("pick-width") || String(r.width) === value("pick-width"))
-      && (!value("pick-l0") || String(r.average_l0) === value("pick-l0")));
+      && (!value("pick-l0") || String(r.target_l0) === value("pick-l0")));
     plot.replaceChildren(depthPlot(shown, value("plot-metric"), kinds));
     const head = ["SAE", "site", "width", "arch", "average L0", ...METRICS, "status", ""];
     table.replaceChildren(el("table", {id: "scope-table"}, el("tr", {}, ...head.map((h) => el("th", {}, h))),
