@@ -45,6 +45,7 @@ def served(tmp_path_factory):
 
     scope = make_tiny_scope(tmp_path_factory.mktemp("scope_api"))
     shutil.rmtree(scope / "native" / "mlp_out__layer_1__width_64__k_4")
+    (scope / "features" / "attn_out__layer_1__width_64__k_4" / "index.json").write_text("{cut")
     server = make_server(scope, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", scope
@@ -70,6 +71,10 @@ def test_scope_api_index_and_search_equal_the_library(served):
     missing = rows["mlp_out/layer_1/width_64/average_l0_4"]
     assert missing["status"] == "missing" and "missing" in missing["problem"]
     assert rows["resid_post/layer_0/width_64/average_l0_4"]["metrics"]["fvu"] == pytest.approx(0.1)
+    damaged = rows["attn_out/layer_1/width_64/average_l0_4"]  # its SAE still searches and steers
+    assert (damaged["status"], damaged["features"], damaged["features_status"]) == ("ok", None, "damaged")
+    status, err = call(base + "/api/saes/features%2Fattn_out__layer_1__width_64__k_4/features/1")
+    assert status == 503 and "index.json" in err["error"]
     status, res = call(base + "/api/scope/search", {"text": "The cat", "top": 2})
     assert status == 200
     assert [u["id"] for u in res["unavailable"]] == ["mlp_out/layer_1/width_64/average_l0_4"]
@@ -82,7 +87,8 @@ def test_scope_api_index_and_search_equal_the_library(served):
         assert [[f for f, _ in fs] for fs in got] == [[f for f, _ in fs] for fs in want]
         assert [a for fs in got for _, a in fs] == pytest.approx([a for fs in want for _, a in fs],
                                                                    rel=1e-5)
-        assert row["features"] == f"features/{row['site_kind']}__layer_{row['layer']}__width_64__k_4"
+        name = f"features/{row['site_kind']}__layer_{row['layer']}__width_64__k_4"
+        assert row["features"] == (None if row["id"] == "attn_out/layer_1/width_64/average_l0_4" else name)
 
 
 @pytest.mark.parametrize("path,body,status,needle", [
