@@ -97,7 +97,7 @@ def scope(
     from saelab.errors import SaelabError
     from saelab.models.limits import check_positions, config_max_positions
     from saelab.models.load import load_model
-    from saelab.scope.run import build_scope
+    from saelab.scope.run import build_scope, load_fast_model
     from saelab.train.trainer import parse_bytes, resolve_device
 
     if out is None:
@@ -122,7 +122,7 @@ def scope(
             bar.update(tasks[stage], completed=done, total=total)
 
         result = build_scope(cfg, out, device=device, memory_budget=budget, resume=resume,
-                             on_progress=update, lm=lm)
+                             on_progress=update, lm=lm, fast_lm=load_fast_model(cfg, lm, device))
     summary = {"out": str(out), "saes": len(result.scope.entries), "stages": result.stages,
                "already_finished": result.already_finished, "report": str(out / "report.html"),
                "index": str(out / "scope.json")}

@@ -54,6 +54,9 @@ class ScopeConfig:
     seed: int = 0
     dtype: str = "auto"
     """SAE compute dtype while training (auto: bf16 where the hardware has it)."""
+    model_dtype: str = "auto"
+    """dtype of the model forwards that feed training and dashboards (auto: bf16 where the
+    hardware has it); the evaluation always runs the model in float32 (ΔCE is ~1e-2 nats)."""
     buffer_tokens: int = 32_768
     checkpoint_every: int = 100_000
     bootstrap: int = 1000
@@ -96,7 +99,7 @@ def json_ready(obj: Any) -> Any:
 
 # quick: the CPU preset (see README "Scope" for its measured time); full: a GPU's.
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": dict(sites=SCOPE_KINDS, layers=None, widths=(1152,), l0s=(32,), arch="batchtopk",
+    "quick": dict(sites=SCOPE_KINDS, layers=None, widths=("2x",), l0s=(32,), arch="batchtopk",
                   tokens=300_000, batch_size=2048, eval_tokens=2048, feature_tokens=8192,
                   ablate=0, buffer_tokens=32_768, checkpoint_every=100_000),
     "full": dict(sites=SCOPE_KINDS, layers=None, widths=("4x", "16x"), l0s=(16, 32, 64),

@@ -1,6 +1,6 @@
 """`build_scope`: train, evaluate, lay out, index and report a scope, resumably.
 
-    DIR/run.json           settings, stages done and their wall times (the resume record)
+    DIR/run.json           settings, stages done, their wall and CPU times (the resume record)
     DIR/train/             the training run (saelab/train/trainer.py: checkpoints, one SAE each)
     DIR/eval.json          every SAE's eval.json dict, {label: ...} (one evaluation pass)
     DIR/native/<label>/    each SAE, SAELens layout
@@ -103,9 +103,12 @@ def matmul_gflops(device: torch.device, dtypes=(torch.float32, torch.bfloat16)) 
 
 def build_scope(cfg: ScopeConfig, out: str | Path, *, device: str = "cpu",
                 memory_budget: int | None = None, resume: bool = False,
-                on_progress: Progress | None = None, lm: Any = None) -> ScopeResult:
+                on_progress: Progress | None = None, lm: Any = None,
+                fast_lm: Any = None) -> ScopeResult:
     """Build (or resume) the scope of `cfg` in `out`; see the module docstring.
 
+    lm: the model in float32 (evaluation); fast_lm: the same model in cfg.model_dtype
+    (training and dashboards), default `lm`. Both are loaded from cfg.model when lm is None.
     Raises SaelabError for bad input (a layer out of range, a site kind the family
     lacks, widths over the memory budget, a resume with other settings).
     """
@@ -120,6 +123,8 @@ def build_scope(cfg: ScopeConfig, out: str | Path, *, device: str = "cpu",
         from saelab.models.load import load_model
 
         lm = load_model(cfg.model, dtype="float32", device=str(dev))
+        fast_lm = load_fast_model(cfg, lm, str(dev))
+    fast_lm = fast_lm if fast_lm is not None else lm
     check_positions("--context", cfg.context, lm_max_positions(lm), cfg.model)
     planned = plan_saes(cfg, lm.arch)
     tcfg = _train_config(cfg, planned)
@@ -140,14 +145,18 @@ def build_scope(cfg: ScopeConfig, out: str | Path, *, device: str = "cpu",
                              "matmul_gflops": matmul_gflops(dev, dtypes)}
     _save_record(out, record)
     progress = on_progress or (lambda *_: None)
-    ctx = _Context(cfg, out, lm, planned, record, dev, budget, progress)
+    ctx = _Context(cfg, out, lm, fast_lm, planned, record, dev, budget, progress)
     for stage in STAGES:
         if stage in record["done"]:
             continue
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         getattr(ctx, stage)()
         record["stages"][stage] = round(record["stages"].get(stage, 0.0)
                                         + time.perf_counter() - t0, 3)
+        # CPU seconds of this process beside the wall time: on a shared machine the wall
+        # time measures the other jobs too
+        cpu = record.setdefault("cpu_seconds", {})
+        cpu[stage] = round(cpu.get(stage, 0.0) + time.process_time() - c0, 3)
         record["done"].append(stage)
         _save_record(out, record)
         ctx.write_index()  # the index always tells the stages' times so far
@@ -155,21 +164,34 @@ def build_scope(cfg: ScopeConfig, out: str | Path, *, device: str = "cpu",
     return ScopeResult(out, read_scope(out), record["stages"])
 
 
+def load_fast_model(cfg: ScopeConfig, lm: Any, device: str) -> Any:
+    """The model in cfg.model_dtype for training and dashboards; `lm` when that is float32."""
+    from saelab.models.load import load_model
+    from saelab.precision import resolve_dtype
+
+    if resolve_dtype(cfg.model_dtype, device) == torch.float32:
+        return lm
+    return load_model(cfg.model, dtype=cfg.model_dtype, device=device)
+
+
 def _train_config(cfg: ScopeConfig, planned: list[PlannedSAE]):
     from saelab.train.config import TrainConfig
 
     return TrainConfig(saes=tuple(p.spec for p in planned), tokens=cfg.tokens,
                        batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, dtype=cfg.dtype,
-                       checkpoint_every=cfg.checkpoint_every, buffer_tokens=cfg.buffer_tokens,
+                       checkpoint_every=cfg.checkpoint_every,
+                       # a run shorter than the buffer shuffles all of its tokens at once
+                       buffer_tokens=min(cfg.buffer_tokens, cfg.tokens),
                        log_every=max(1, min(50, cfg.tokens // cfg.batch_size // 4)))
 
 
 class _Context:
     """The stages of one build, sharing the model, the plan and the run record."""
 
-    def __init__(self, cfg: ScopeConfig, out: Path, lm: Any, planned: list[PlannedSAE],
-                 record: dict, device: torch.device, budget: int | None, progress: Progress):
-        self.cfg, self.out, self.lm, self.planned = cfg, out, lm, planned
+    def __init__(self, cfg: ScopeConfig, out: Path, lm: Any, fast_lm: Any,
+                 planned: list[PlannedSAE], record: dict, device: torch.device,
+                 budget: int | None, progress: Progress):
+        self.cfg, self.out, self.lm, self.fast_lm, self.planned = cfg, out, lm, fast_lm, planned
         self.record, self.device, self.budget, self.progress = record, device, budget, progress
 
     # ------------------------------------------------------------------ stages
@@ -178,7 +200,7 @@ class _Context:
 
         tcfg = _train_config(self.cfg, self.planned)
         folder = self.out / "train"
-        result = train(tcfg, Stream(self.lm, corpus=self.cfg.corpus, context=self.cfg.context),
+        result = train(tcfg, Stream(self.fast_lm, corpus=self.cfg.corpus, context=self.cfg.context),
                        folder, resume=(folder / "run.json").is_file(), device=self.device,
                        memory_budget=self.budget,
                        on_progress=lambda done, total, _info: self.progress("train", done, total))
@@ -218,7 +240,7 @@ class _Context:
 
         if not self.cfg.feature_tokens:
             return
-        saes = {p.label: (self._load(self.out / "native" / p.label).to(self.lm.device),
+        saes = {p.label: (self._load(self.out / "native" / p.label).to(self.fast_lm.device),
                           self.out / "native" / p.label) for p in self.planned}
         icfg = IndexConfig(tokens=self.cfg.feature_tokens, corpus=self.cfg.corpus,
                            context=self.cfg.context, ablate=self.cfg.ablate,
@@ -226,7 +248,7 @@ class _Context:
         folder = self.out / "features"
         if folder.exists() and not (folder / "run.json").is_file():
             shutil.rmtree(folder)  # a killed pass: its collection is redone whole
-        build_index(self.lm, saes, folder, icfg,
+        build_index(self.fast_lm, saes, folder, icfg,
                     on_stage=lambda name, d, t: self.progress("features", d, t))
 
     def report(self) -> None:
