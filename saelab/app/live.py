@@ -119,8 +119,17 @@ class Live:
         its decoded part has norm s*N, N being the site's mean activation norm.
         """
         with self.lock:
-            name = index.meta["model"]["name"]
-            sae, lm = self.sae(key, index), self.lm(name)
+            sae = self.sae(key, index)
+        return self.steer_sae(sae, index.meta["model"]["name"], prompt=prompt, feature=feature,
+                              mode=mode, strength=strength, max_new_tokens=max_new_tokens,
+                              seed=seed, temperature=temperature, chat=chat)
+
+    def steer_sae(self, sae: Any, name: str, *, prompt: str, feature: int, mode: str,
+                  strength: float, max_new_tokens: int, seed: int, temperature: float,
+                  chat: bool) -> dict:
+        """`steer` with a loaded SAE on the model `name` (a scope's SAEs have no index)."""
+        with self.lock:
+            lm = self.lm(name)
             if chat and not getattr(lm.tokenizer, "chat_template", None):
                 raise ValueError("this model's tokenizer has no chat template; untick chat")
             site = sae.cfg.site

@@ -14,6 +14,7 @@ renders from the JSON API below; the README documents it.
     POST /api/saes/NAME/features/ID/ablation         live token ablation of the top example
     POST /api/saes/NAME/search   {"text"}            which features fire on which tokens
     POST /api/saes/NAME/steer    {"prompt", "feature", "mode", "strength", ...}
+    GET  /api/scope, POST /api/scope/search, /api/scope/steer   on a scope folder (scope_routes)
 
 Only the SAEs discovered at start-up are served, by name: no URL is ever turned
 into a file path (static files come from a fixed list), so there is no path
@@ -59,8 +60,10 @@ from saelab.app.request import (
     read_json_body,
     text_field,
 )
+from saelab.app.scope_routes import ScopeRoutes
 from saelab.errors import CorruptFileError, SaelabError
 from saelab.features.index import ABLATION, EXAMPLES, FeatureIndex
+from saelab.scope.layout import is_scope
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -85,19 +88,20 @@ class App:
             raise SaelabError(f"{run_dir} does not exist or is not a folder; give the --out folder "
                               "of `saelab features`.")
         self.saes, self.damaged = open_indexes(self.run_dir)
+        self.device = device
+        self.scope = ScopeRoutes(self.run_dir, self) if is_scope(self.run_dir) else None
         damaged = list(self.damaged.values())
-        if not self.saes and damaged:  # nothing to serve: the first damaged index is the error
+        if not self.saes and damaged and self.scope is None:  # nothing to serve: name the first
             for d in damaged[1:]:
                 log.warning("%s", d.message)
             more = f" ({len(damaged) - 1} more damaged index(es) logged above)" if len(damaged) > 1 else ""
             raise CorruptFileError(damaged[0].message + more)
         for d in damaged:  # served anyway: each is named in the log, on / and on its pages
             log.warning("%s", d.message)
-        if not self.saes:
+        if not self.saes and self.scope is None:
             raise SaelabError(f"no feature index under {run_dir} (looked for index.json up to 3 "
                               "folders deep). Create one with `saelab features SAE_DIR --out DIR`, "
                               "then serve DIR.")
-        self.device = device
         self._live = None
         self._live_lock = threading.Lock()
         self._order: dict[tuple[str, str, str], Any] = {}
@@ -285,7 +289,7 @@ def _host_name(header: str) -> str:
     return header.rsplit(":", 1)[0]
 
 
-PAGES = ("", "sae")  # first path segment of the pages the shell renders
+PAGES = ("", "sae", "scope")  # first path segment of the pages the shell renders
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -340,6 +344,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _api(self, method: str, parts: list[str], query: dict) -> Any:
         app = self.server.app
+        if parts[:1] == ["scope"] and app.scope is not None:
+            return app.scope.api(method, parts[1:], query, self._body)
         if method == "GET":
             if len(parts) != 3:  # only the feature list takes query parameters
                 check_query(query, (), f"GET /api/{'/'.join(parts)[:200]}")

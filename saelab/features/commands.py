@@ -102,7 +102,7 @@ def index_config(**settings: Any) -> Any:
 
 def register(app: typer.Typer) -> None:
     """Add the `features` and `serve` commands to the saelab typer app."""
-    from saelab.console import console, emit_json, progress, user_errors
+    from saelab.console import console, emit_json, escape, progress, user_errors
 
     @app.command("features")
     @user_errors
@@ -185,7 +185,10 @@ def register(app: typer.Typer) -> None:
         integer("--port", port, low=0, high=65535)
         server = make_server(run_dir, host=host, port=port, device=device)
         host_shown, port_shown = server.server_address[:2]
-        console.print(f"serving {len(server.app.saes)} SAE(s) from {run_dir} at "
+        scope = server.app.scope
+        what = (f"the scope of {scope.scope.model} ({len(scope.entries)} SAEs, "
+                f"{len(server.app.saes)} feature indexes)" if scope else f"{len(server.app.saes)} SAE(s)")
+        console.print(f"serving {escape(what)} from {run_dir} at "
                       f"http://{host_shown}:{port_shown}/  (Ctrl-C stops)")
         try:
             server.serve_forever()

@@ -247,8 +247,9 @@ function renderSearch(name, out, data) {
         el("td", {class: "num"}, f.n_tokens)))));
 }
 
-async function steerPage(name) {
-  saeNav(name);
+// opts (the scope's steering page): path of the steer endpoint, extra body fields, nav renderer.
+async function steerPage(name, opts = {}) {
+  (opts.nav || saeNav)(name);
   const params = new URLSearchParams(location.search);
   const field = (id, attrs) => el("input", {id, ...attrs});
   const prompt = el("textarea", {id: "steer-prompt"}, "Tell me about your favourite place.");
@@ -265,7 +266,7 @@ async function steerPage(name) {
   const go = el("button", {id: "steer-go", onclick: async () => {
     go.disabled = true; out.replaceChildren(el("p", {class: "muted"}, "generating…"));
     try {
-      const r = await api(`saes/${enc(name)}/steer`, {prompt: prompt.value, feature: parseInt(feature.value, 10),
+      const r = await api(opts.path || `saes/${enc(name)}/steer`, {...(opts.extra || {}), prompt: prompt.value, feature: parseInt(feature.value, 10),
         mode: mode.value, strength: parseFloat(strength.value), max_new_tokens: parseInt(n.value, 10),
         seed: parseInt(seed.value, 10), chat: chat.checked});
       out.replaceChildren(el("div", {class: "cols"},
@@ -291,6 +292,7 @@ async function steerPage(name) {
 async function route() {
   const parts = location.pathname.split("/").filter(Boolean).map(decodeURIComponent);
   try {
+    if (typeof scopeRoute === "function" && await scopeRoute(parts)) return;  // scope.js
     if (parts.length === 0) return await home();
     if (parts[0] === "sae" && parts.length === 2) return await saePage(parts[1]);
     if (parts[0] === "sae" && parts[2] === "feature" && parts.length === 4) return await featurePage(parts[1], parts[3]);
