@@ -65,6 +65,7 @@ REQUIRED = {
     "demo": ["--out", "{tmp}/demo"],
     "study lists": ["--out", "{tmp}/lists"],
     "study synthetic": ["--out", "{tmp}/syn"],
+    "scope export": ["{tmp}/scope", "--neuronpedia", "{tmp}/np"],
 }
 
 
