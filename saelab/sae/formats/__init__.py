@@ -31,6 +31,7 @@ from saelab.sae.formats.names import UnmappableNameError
 
 FORMATS = ("saelens", "gemma-scope", "gemma-scope-2", "sparsify", "dictionary-learning")
 WRITABLE = ("saelens", "gemma-scope", "gemma-scope-2", "sparsify")
+TRANSCODER_WRITABLE = ("saelens",)
 _ALIASES = {
     "native": "saelens",
     "sae-lens": "saelens",
@@ -105,13 +106,23 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
 
 
 def load_sae(
-    path: str | os.PathLike[str], *, format: str | None = None, dtype: str | None = None
+    path: str | os.PathLike[str], *, format: str | None = None, dtype: str | None = None,
+    expect: str | None = None,
 ) -> SAE:
-    """Load the SAE at `path` in whichever format it is (or `format`).
+    """Load the SAE (or transcoder) at `path` in whichever format it is (or `format`).
 
     `dtype` ("float32", "bfloat16", ...) overrides the file's dtype. Every tensor is
-    checked (names, shapes, finite values) before anything is built.
+    checked (names, shapes, finite values) before anything is built. A transcoder
+    folder gives a `saelab.sae.transcoder.Transcoder`; `expect="sae"` refuses one,
+    `expect="transcoder"` refuses an SAE (WrongKindError, naming what the file is).
     """
+    if expect is not None:
+        from saelab.sae.transcoder import require_sae, require_transcoder
+
+        choice("expect", expect, ("sae", "transcoder"))
+        obj = load_sae(path, format=format, dtype=dtype)
+        check = require_sae if expect == "sae" else require_transcoder
+        return check(obj, str(path))
     if dtype is not None:
         choice("dtype", dtype, tuple(DTYPES))
     if format is None:
@@ -153,6 +164,13 @@ def save_sae(
         raise FormatError(
             f"saelab reads {fmt} files but does not write them; pick one of {', '.join(WRITABLE)}"
         )
+
+    from saelab.sae.transcoder import Transcoder
+
+    if isinstance(sae, Transcoder) and fmt not in TRANSCODER_WRITABLE:
+        from saelab.sae.formats.transcoders import refuse_format
+
+        raise refuse_format(fmt)
 
     def write(tmp: Path) -> None:
         if fmt == "saelens":
