@@ -38,9 +38,19 @@ class SAESpec:
     """L1 coefficient (relu), on inputs scaled to unit mean squared norm."""
     l0_coef: float = 1e-2
     """L0 coefficient λ (jumprelu)."""
+    target: str | None = None
+    """A transcoder's target site (`mlp_out.12` for input `mlp_in.12`); None: an SAE of `site`."""
+    skip: bool = False
+    """Transcoders: learn an affine skip ``x @ W_skip.T`` besides the features."""
 
     def __post_init__(self):
         choice("arch", self.arch, ARCHS)
+        boolean("skip", self.skip)
+        if self.skip and self.target is None:
+            raise BadValueError("skip needs a transcoder (a target site): an SAE has no skip")
+        if self.target is not None and self.target == self.site:
+            raise BadValueError(f"a transcoder's target must differ from its input site, got "
+                                f"{self.site} for both; train an SAE instead")
         integer("width", self.width, low=1, high=MAX_WIDTH)
         integer("k", self.k)
         if not 0 < self.k <= self.width:
@@ -51,8 +61,20 @@ class SAESpec:
 
     @property
     def label(self) -> str:
-        return f"{self.site}-{self.arch}-{self.width}" + (
+        kind = "" if self.target is None else ("skiptc-" if self.skip else "tc-")
+        return f"{self.site}-{kind}{self.arch}-{self.width}" + (
             f"-k{self.k}" if self.arch in ("topk", "batchtopk") else "")
+
+    @property
+    def key(self) -> str:
+        """The stream's buffer key: the site, or ``site>target`` for a transcoder."""
+        from saelab.data.stream import pair_key
+
+        return pair_key(self.site, self.target)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return (self.site,) if self.target is None else (self.site, self.target)
 
 
 @dataclass(frozen=True)
