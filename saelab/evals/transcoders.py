@@ -61,12 +61,13 @@ DEFINITIONS = {
 def _batch(lm, tcs: Mapping[int, Any], ids, special, downstream: bool, all_at_once: bool):
     model = lm.model
     ids, special = ids.to(lm.device), special.to(lm.device)
-    sites = [f"mlp_{d}.{L}" for L in tcs for d in ("in", "out")]
+    reads = {L: tc.site or f"mlp_in.{L}" for L, tc in tcs.items()}  # mlp_in.L as a rule
+    sites = list(dict.fromkeys(s for L in tcs for s in (reads[L], f"mlp_out.{L}")))
     with capture(model, sites, arch=lm.arch, stop_early=not downstream) as cap:
         cap.run(input_ids=ids)
     preds = {}
     for L, tc in tcs.items():
-        out = tc(cap[f"mlp_in.{L}"])
+        out = tc(cap[reads[L]])
         preds[L] = (cap[f"mlp_out.{L}"], out.output.to(cap[f"mlp_out.{L}"].dtype), out.feats)
     columns: dict[str, torch.Tensor] = {}
     if not downstream:

@@ -264,8 +264,9 @@ def splice(lm_or_model: Any, saes: SAEs, *, keep_error: bool = True, detach_erro
 
 class ReplaceMLPs:
     """Context manager: each MLP of `transcoders` ({layer: Transcoder}) replaced by its
-    transcoder, in the same forward: ``mlp_out.L <- tc(mlp_in.L)`` (decode + skip), where
-    ``mlp_in.L`` is this forward's own (so with several layers replaced, later transcoders
+    transcoder, in the same forward: ``mlp_out.L <- tc(mlp_in.L)`` (decode + skip; the
+    input is the transcoder's own site, mlp_in.L as a rule), where the input is this
+    forward's own (so with several layers replaced, later transcoders
     read what the earlier ones changed).
 
     `where` (B, P) bool: replace only there (the other positions keep the real MLP's
@@ -281,14 +282,16 @@ class ReplaceMLPs:
         from saelab.sae.transcoder import require_transcoder
 
         self.model, self.arch = unwrap(lm_or_model, arch)
-        self.tcs = {}
+        self.tcs: dict[int, Any] = {}
+        self._in_sites: dict[int, str] = {}  # what each transcoder reads (mlp_in.L as a rule)
         for layer, tc in transcoders.items():
             require_transcoder(tc, f"the transcoder for layer {layer}")
-            site_in, site_out = f"mlp_in.{layer}", f"mlp_out.{layer}"
+            site_in, site_out = tc.site or f"mlp_in.{layer}", f"mlp_out.{layer}"
             for site, width in ((site_in, tc.cfg.d_in), (site_out, tc.cfg.d_out)):
                 _check_width(self.arch, one_site(self.arch, site, "a transcoder's site"), width,
                              f"the transcoder of layer {layer} has width")
             self.tcs[int(layer)] = tc
+            self._in_sites[int(layer)] = one_site(self.arch, site_in, "a transcoder's site")
         self.where, self.keep_error, self.record = where, keep_error, record
         self.feats: dict[int, Tensor] = {}
         self.outputs: dict[int, Tensor] = {}
@@ -298,7 +301,7 @@ class ReplaceMLPs:
     def __enter__(self) -> ReplaceMLPs:
         fns = {}
         for layer in self.tcs:
-            fns[f"mlp_in.{layer}"] = self._stash(layer)
+            fns[self._in_sites[layer]] = self._stash(layer)
             fns[f"mlp_out.{layer}"] = self._replace(layer)
         self._patch = patch(self.model, fns, arch=self.arch)
         self._patch.__enter__()
