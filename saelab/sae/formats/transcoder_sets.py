@@ -52,7 +52,7 @@ def load(path: Path, *, dtype: str | None = None, model_name: str | None = None,
         from saelab.sae.formats import circuit_tracer
 
         return circuit_tracer.read_set(folder, dtype=dtype, model_name=model_name,
-                                       complete=complete)
+                                       complete=complete).eval()
     if _match(folder):
         members = [folder]
     else:
@@ -70,7 +70,8 @@ def load(path: Path, *, dtype: str | None = None, model_name: str | None = None,
             raise TranscoderSetError(f"{folder}: two transcoders for layer {tc.layer} "
                                      f"({by_layer[tc.layer].site}, {d.name}); keep one per layer")
         by_layer[tc.layer] = tc
-    return TranscoderSet(by_layer, model_name=model_name, source=str(folder), complete=complete)
+    return TranscoderSet(by_layer, model_name=model_name, source=str(folder),
+                         complete=complete).eval()
 
 
 def save(tset: Mapping[int, Transcoder], folder: Path, *, format: str = "saelens") -> Path:
