@@ -40,7 +40,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from saelab.dims import Acts
-from saelab.errors import SaelabError, ShapeMismatchError
+from saelab.errors import SaelabError
 from saelab.sae.base import SAE, SAEConfig, get_sae_class
 from saelab.sae.batchtopk import BatchTopKSAE
 from saelab.sae.topk import TopKSAE
@@ -265,10 +265,6 @@ def transcoder_from_tensors(cfg: TranscoderConfig, tensors: dict[str, Tensor], *
     return transcoder_class(cfg.architecture).from_tensors(cfg, tensors, source=source)
 
 
-def is_transcoder(obj: Any) -> bool:
-    return isinstance(obj, Transcoder)
-
-
 def require_sae(obj: Any, source: str = "the file") -> SAE:
     """`obj` if it is an SAE; a transcoder is refused, naming what it is (WrongKindError)."""
     if isinstance(obj, Transcoder):
@@ -418,8 +414,3 @@ def save_transcoders(tset: TranscoderSet | Mapping[int, Transcoder],
 
     return transcoder_sets.save(tset, Path(path), format=format)
 
-
-def check_widths(tc: Transcoder, d_in: int, d_out: int, source: str) -> None:
-    if (tc.d_in, tc.d_out) != (d_in, d_out):
-        raise ShapeMismatchError(f"{source}: transcoder maps {tc.d_in} -> {tc.d_out}, "
-                                 f"but the sites have widths {d_in} -> {d_out}")
