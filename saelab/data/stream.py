@@ -15,7 +15,9 @@ refilled with the next rows and the buffer permuted again. A batch thus mixes
 rows of about `capacity / context` contexts. The buffer's permutations come
 from a generator seeded by (seed, site), and a site's rows never depend on
 the other sites, so a site trains on the same batches whichever sites share
-its pass (site groups give the same SAEs as one big group).
+its pass (site groups give the same SAEs as one big group). A transcoder's input and
+target sites share one buffer (key ``input>target``, rows joined on the last dimension),
+so its pairs stay aligned through the filtering and the shuffle.
 
 `BatchStream.state()` is what a checkpoint needs to rebuild the stream: the
 source position (contexts consumed) and each buffer's rows, pending rows and
@@ -126,6 +128,32 @@ class ShuffleBuffer:
         self.pending, self.n_pending = [], 0
         if f"{prefix}/pending" in tensors:
             self.add(tensors[f"{prefix}/pending"])
+
+
+PAIR = ">"  # a buffer key "mlp_in.3>mlp_out.3": a transcoder's input and target rows, joined
+
+
+def pair_key(site: str, target: str | None) -> str:
+    """The buffer key of an objective: its site, or ``site>target`` for a transcoder, whose
+    input and target rows must stay paired through the shuffle (one buffer, rows joined)."""
+    return site if target is None else f"{site}{PAIR}{target}"
+
+
+def key_sites(key: str) -> list[str]:
+    """The sites a buffer key reads: one, or a transcoder's (input, target)."""
+    return key.split(PAIR)
+
+
+def source_sites(keys: list[str]) -> list[str]:
+    """Every site the keys read, once, in order."""
+    return list(dict.fromkeys(s for key in keys for s in key_sites(key)))
+
+
+def key_acts(acts: dict[str, Tensor], key: str) -> Tensor:
+    """A chunk's activations for a buffer key: a pair's sites joined on the last dim, so
+    the same rows (tokens) are kept, dropped and shuffled together."""
+    parts = [acts[s] for s in key_sites(key)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def site_seed(seed: int, site: str) -> int:
@@ -248,10 +276,12 @@ class ModelContexts:
 
 
 class BatchStream:
-    """{site: [batch, d]} training batches on `device`, from a context source.
+    """{key: [batch, d]} training batches on `device`, from a context source.
 
-    batch: rows per buffer batch; with `take` = (rank, world_size) each rank
-    keeps its slice of every batch (ranks sharing one cache).
+    `sites` are buffer keys: a site, or a transcoder's ``input>target`` pair, whose
+    batches are [batch, d_in + d_out] (see `pair_key`). batch: rows per buffer batch;
+    with `take` = (rank, world_size) each rank keeps its slice of every batch (ranks
+    sharing one cache).
     """
 
     def __init__(self, source, sites: list[str], *, batch: int, capacity: int, seed: int,
@@ -271,7 +301,7 @@ class BatchStream:
         if chunk is None:
             return False
         for site in self.sites:
-            rows, bad = chunk_rows(chunk.special, chunk.acts[site], self.outlier_factor)
+            rows, bad = chunk_rows(chunk.special, key_acts(chunk.acts, site), self.outlier_factor)
             self.nonfinite_rows += bad
             self.buffers[site].add(rows)
         self.tokens_read += int((~chunk.special).sum())

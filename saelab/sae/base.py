@@ -198,9 +198,12 @@ class SAE(nn.Module):
     @torch.no_grad()
     def reset_parameters_(self, generator: torch.Generator | None = None) -> None:
         """Random unit-norm decoder rows, encoder = decoder transpose, zero biases."""
-        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator)
+        w = torch.randn(self.W_dec.shape, generator=generator)
         w /= w.norm(dim=1, keepdim=True)
         self.W_dec.copy_(w)
+        if self.W_enc.shape != w.T.shape:  # a transcoder writing another width than it reads
+            w = torch.randn(self.W_enc.shape[::-1], generator=generator)
+            w /= w.norm(dim=1, keepdim=True)
         self.W_enc.copy_(w.T)
         self.b_enc.zero_()
         self.b_dec.zero_()
@@ -305,7 +308,7 @@ class SAE(nn.Module):
             x_hat = self.decode_sparse(cols, f[rows, cols], rows=rows, n_rows=f.shape[0])
         else:
             x_hat = torch.addmm(self.b_dec, f, self.W_dec)
-        return x_hat.reshape(*lead, self.cfg.d_in)
+        return x_hat.reshape(*lead, self.W_dec.shape[1])  # d_in (a transcoder's d_out)
 
     def decode_sparse(
         self,
@@ -328,7 +331,7 @@ class SAE(nn.Module):
             out = F.embedding_bag(
                 idx.reshape(-1, k), self.W_dec, per_sample_weights=vals.reshape(-1, k), mode="sum"
             )  # (N, D)
-            return (out + self.b_dec).reshape(*lead, self.cfg.d_in)
+            return (out + self.b_dec).reshape(*lead, self.W_dec.shape[1])
         assert n_rows is not None, "flat sparse decode needs n_rows"
         offsets = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
         out = F.embedding_bag(idx, self.W_dec, offsets, per_sample_weights=vals, mode="sum")

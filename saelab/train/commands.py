@@ -30,7 +30,9 @@ def _fractions(text: str) -> tuple[float, ...]:
 @user_errors
 def train(
     out: Annotated[Path, typer.Option(help="Run folder: run.json, metrics.jsonl, one folder per SAE.")],
-    sites: Annotated[str, typer.Option(help="Sites, comma separated, globs ok (resid_post.*): one SAE per site x width x k.")] = "resid_post.12",
+    sites: Annotated[str, typer.Option(help="Sites, comma separated, globs ok (resid_post.*): one SAE per site x width x k. With --kind transcoder: MLPs (mlp.12, mlp.*: mlp_in.L -> mlp_out.L) or pairs INPUT>TARGET.")] = "resid_post.12",
+    kind: Annotated[str, typer.Option(help="sae, or transcoder: read one site, predict another (the MLP's output from its input).")] = "sae",
+    skip: Annotated[bool, typer.Option(help="Transcoders: also learn an affine skip x @ W_skip.T (a skip transcoder).")] = False,
     model: ModelOpt = "smollm2-135m-instruct",
     cache: Annotated[Path | None, typer.Option(help="Train from this activation cache instead of streaming from the model.")] = None,
     arch: Annotated[str, typer.Option(help="relu, jumprelu, topk, batchtopk or matryoshka_batchtopk.")] = "batchtopk",
@@ -58,7 +60,10 @@ def train(
     forward_batch: Annotated[int | None, typer.Option(help="Contexts per model forward when streaming (default 16 on CPU, 256 on CUDA); a --cache is re-cut into the same chunks.")] = None,
     json: JsonFlag = False,
 ) -> None:
-    """Train SAEs: several sites, widths or k from one activation stream.
+    """Train SAEs (or transcoders): several sites, widths or k from one activation stream.
+
+    `--kind transcoder --sites 'mlp.*'` trains one transcoder per layer, reading
+    mlp_in.L and predicting mlp_out.L, every layer from the same forward.
 
     Without --cache the model runs inside the training loop (one forward for
     every site of a site group, stopped after the deepest) and nothing is
@@ -67,18 +72,24 @@ def train(
     parallel (each rank streams its own slice of the corpus, or reads its
     share of every batch of a --cache), or site sharded with --shard-sites.
     """
+    from saelab.checks import choice
     from saelab.train.config import TOPK_ARCHS, SAESpec, TrainConfig
     from saelab.train.distributed import from_env
     from saelab.train.trainer import Stream, fmt_progress, parse_bytes, resolve_device
     from saelab.train.trainer import train as run_train
 
+    choice("--kind", kind, ("sae", "transcoder"))
+    if skip and kind != "transcoder":
+        raise SaelabError("--skip is for transcoders (--kind transcoder): an SAE has no skip")
     site_list = [s.strip() for s in sites.split(",") if s.strip()]
 
-    def config(site_names: list[str]) -> TrainConfig:
+    def config(site_names: list) -> TrainConfig:
+        # site_names: sites, or (input, target) pairs for transcoders.
         # k means nothing to relu/jumprelu; min(32, w) keeps the spec valid at any width.
+        pairs = [(p, None) if isinstance(p, str) else p for p in site_names]
         specs = tuple(SAESpec(site, arch=arch, width=w, k=kk, l1=l1, l0_coef=l0_coef,
-                              groups=_fractions(groups))
-                      for site in site_names for w in _ints(width, "width")
+                              groups=_fractions(groups), target=target, skip=skip)
+                      for site, target in pairs for w in _ints(width, "width")
                       for kk in (_ints(k, "k") if arch in TOPK_ARCHS
                                  else [min(32, w)]))
         return TrainConfig(saes=specs, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
@@ -92,7 +103,8 @@ def train(
     if tokens < batch_size:  # before any model is loaded or token streamed
         raise SaelabError(f"--tokens {tokens} is less than one batch (--batch-size "
                           f"{batch_size}); ask for more tokens or a smaller batch.")
-    config(site_list)  # every option is checked before a model or cache is read
+    # every option is checked before a model or cache is read
+    config(site_list if kind == "sae" else [("mlp_in.0", "mlp_out.0")])
     integer("--context", context, low=2, high=ABSURD)
     if cache is not None and save_cache is not None:
         raise SaelabError("--save-cache writes the activations of a streaming run; with "
@@ -108,14 +120,33 @@ def train(
 
         check_positions("--context", context, config_max_positions(model), model)
         lm = load_model(model, device=device)
-        canonical = [s.name for s in resolve_sites(lm.arch, site_list)]
+        if kind == "transcoder":
+            from saelab.train.pairs import resolve_pairs
+
+            canonical = resolve_pairs(
+                site_list, lambda t: [s.name for s in resolve_sites(lm.arch, t)])
+        else:
+            canonical = [s.name for s in resolve_sites(lm.arch, site_list)]
         if save_cache is not None and dist.active and not shard_sites:
             save_cache = save_cache / f"rank_{dist.rank}"  # each rank streams its own slice
         data = Stream(lm, corpus=corpus, context=context, save_cache=save_cache)
     else:
         from saelab.data.store import ActivationStore
 
-        canonical = _canonical_sites(site_list, ActivationStore(cache, verify=False).sites)
+        available = ActivationStore(cache, verify=False).sites
+        if kind == "transcoder":
+            import fnmatch
+
+            from saelab.train.pairs import resolve_pairs
+
+            def in_cache(text: str) -> list[str]:
+                if any(c in text for c in "*?["):
+                    return [s for s in available if fnmatch.fnmatchcase(s, text)]
+                return _canonical_sites([text], available)
+
+            canonical = resolve_pairs(site_list, in_cache)
+        else:
+            canonical = _canonical_sites(site_list, available)
         data = cache
     cfg = config(canonical)
     from saelab.console import progress

@@ -45,9 +45,19 @@ class SAESpec:
     target_l0: float = 0.0
     """jumprelu: when > 0 the sparsity loss is λ·(L0/target_l0 − 1)², which pulls the mean
     L0 to the target from either side, instead of λ·L0 (0: plain λ·L0, as Gemma Scope)."""
+    target: str | None = None
+    """A transcoder's target site (`mlp_out.12` for input `mlp_in.12`); None: an SAE of `site`."""
+    skip: bool = False
+    """Transcoders: learn an affine skip ``x @ W_skip.T`` besides the features."""
 
     def __post_init__(self):
         choice("arch", self.arch, ARCHS)
+        boolean("skip", self.skip)
+        if self.skip and self.target is None:
+            raise BadValueError("skip needs a transcoder (a target site): an SAE has no skip")
+        if self.target is not None and self.target == self.site:
+            raise BadValueError(f"a transcoder's target must differ from its input site, got "
+                                f"{self.site} for both; train an SAE instead")
         integer("width", self.width, low=1, high=MAX_WIDTH)
         integer("k", self.k)
         if not 0 < self.k <= self.width:
@@ -67,7 +77,8 @@ class SAESpec:
 
     @property
     def label(self) -> str:
-        return f"{self.site}-{self.arch}-{self.width}" + (
+        kind = "" if self.target is None else ("skiptc-" if self.skip else "tc-")
+        return f"{self.site}-{kind}{self.arch}-{self.width}" + (
             f"-k{self.k}" if self.arch in TOPK_ARCHS else "") + (
             f"-l0{self.target_l0:g}" if self.arch == "jumprelu" and self.target_l0 else "")
 
@@ -79,6 +90,17 @@ class SAESpec:
         from saelab.sae.matryoshka import DEFAULT_FRACTIONS, widths_from_fractions
 
         return widths_from_fractions(self.width, self.groups or DEFAULT_FRACTIONS)
+
+    @property
+    def key(self) -> str:
+        """The stream's buffer key: the site, or ``site>target`` for a transcoder."""
+        from saelab.data.stream import pair_key
+
+        return pair_key(self.site, self.target)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return (self.site,) if self.target is None else (self.site, self.target)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,13 @@
-"""One SAE being trained: its parameters, optimizer, loss and per-step upkeep.
+"""One SAE (or transcoder) being trained: its parameters, optimizer, loss and per-step upkeep.
+
+A transcoder (`spec.target` set) reads its site and predicts the target site: its
+batches are the two sites' rows joined ([N, d_in + d_out], see data/stream.py's
+`pair_key`); input and target are scaled separately, b_dec is an output bias (never
+subtracted from the input) and an optional affine skip adds ``x @ W_skip.T``. The
+encoder reads the input minus its mean (measured on the first batch, fixed, folded into
+b_enc at export), as an SAE's reads x - b_dec: on SmolLM2's mlp_in.6 an uncentred
+top-k transcoder (4608, k 32) fell from L0 30 to 12 in 20 steps of 1,024 tokens (the
+pre-activations of most features pushed below 0), centred it kept L0 32.
 
 Training happens on inputs scaled to unit mean squared norm (the scale is
 measured on the first batch); `export()` folds the scale into the weights, so
@@ -24,6 +33,7 @@ from torch import Tensor
 
 from saelab.sae.base import SAE, SAEConfig, build_sae
 from saelab.sae.jumprelu import JumpReLUFn, StepFn
+from saelab.sae.transcoder import TranscoderConfig, build_transcoder
 from saelab.train import losses
 from saelab.train.config import SAESpec, TrainConfig
 from saelab.train.distributed import SINGLE, Dist
@@ -51,22 +61,31 @@ class SAEObjective:
     """Parameters, Adam state and the loss of one SAE on one site."""
 
     def __init__(self, spec: SAESpec, d_in: int, cfg: TrainConfig, compute_dtype: torch.dtype,
-                 metadata: dict, sync: Dist = SINGLE, device: str | torch.device = "cpu"):
+                 metadata: dict, sync: Dist = SINGLE, device: str | torch.device = "cpu",
+                 d_out: int | None = None):
         self.spec, self.cfg, self.cdt, self.sync = spec, cfg, compute_dtype, sync
         self.device = dev = torch.device(device)
+        self.transcoder = spec.target is not None
+        self.d_in, self.d_out = d_in, d_out or d_in
         # Initialised on the CPU from a CPU generator, then moved: the same initial
         # weights on every device, so CPU and CUDA runs can be compared.
         gen = torch.Generator().manual_seed(cfg.seed + zlib_hash(spec.label))
-        self.sae: SAE = build_sae(SAEConfig(
-            spec.arch, d_in=d_in, d_sae=spec.width,
-            k=spec.k if spec.arch in TOPK_FAMILY else None,
-            apply_b_dec_to_input=spec.arch != "jumprelu",
-            metadata=metadata | ({"matryoshka_widths": spec.matryoshka_widths}
-                                 if spec.matryoshka_widths else {})), init=False)
+        k = spec.k if spec.arch in TOPK_FAMILY else None
+        if self.transcoder:
+            self.sae: SAE = build_transcoder(TranscoderConfig(
+                spec.arch, d_in=d_in, d_sae=spec.width, d_out=self.d_out, k=k, skip=spec.skip,
+                metadata=metadata), init=False)
+        else:
+            self.sae = build_sae(SAEConfig(
+                spec.arch, d_in=d_in, d_sae=spec.width, k=k,
+                apply_b_dec_to_input=spec.arch != "jumprelu",
+                metadata=metadata | ({"matryoshka_widths": spec.matryoshka_widths}
+                                     if spec.matryoshka_widths else {})), init=False)
         self.sae.reset_parameters_(generator=gen)
         self.sae = self.sae.to(dev)
         self.sae.requires_grad_(False)
         params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
+        names = ["W_enc", "b_enc", "W_dec", "b_dec"]
         if spec.arch == "jumprelu":
             # θ itself is the parameter (clamped at 0), as SAELens does since 6.48: with
             # exp(log θ), Adam moves log θ by ~lr per step, so a CPU-length run (a few
@@ -74,6 +93,12 @@ class SAEObjective:
             # pre-activations need on unit-norm inputs.
             self.threshold = torch.full((spec.width,), cfg.jumprelu_init_threshold, device=dev)
             params.append(self.threshold)
+            names.append("threshold")
+        self.W_skip = getattr(self.sae, "W_skip", None)
+        if self.W_skip is not None:
+            params.append(self.W_skip)
+            names.append("W_skip")
+        self.param_names = names
         for p in params:
             p.requires_grad_(True)
         self.params = params
@@ -88,6 +113,8 @@ class SAEObjective:
         self.fire_count = torch.zeros(spec.width, dtype=torch.float64, device=dev)  # firings, whole run
         self.tokens_seen = torch.zeros((), dtype=torch.float64, device=dev)
         self.scale = torch.zeros((), device=dev)  # input scale; set by the first batch
+        self.scale_out = torch.zeros((), device=dev)  # a transcoder's target scale (likewise)
+        self.center_in = torch.zeros(d_in, device=dev)  # a transcoder's input mean (likewise)
         self.batch_threshold = torch.zeros((), device=dev)  # batchtopk: running inference threshold
         self.step_i = 0
         self.initialized = False  # host flag: whether `scale` was measured (no read-back)
@@ -99,11 +126,16 @@ class SAEObjective:
         self._pre: Tensor | None = None  # the encoder's output buffer (see _encode_pre)
 
     @staticmethod
-    def nbytes(spec: SAESpec, d_in: int, batch_size: int, compute_dtype: torch.dtype) -> int:
+    def nbytes(spec: SAESpec, d_in: int, batch_size: int, compute_dtype: torch.dtype,
+               d_out: int | None = None) -> int:
         """Device bytes one objective needs: fp32 weights, their gradients and Adam's two
         moments, counters, and the per-step scratch ([batch, width] encoder output in the
-        compute dtype, plus what the loss keeps for backward)."""
-        n_params = 2 * d_in * spec.width + spec.width + d_in
+        compute dtype, plus what the loss keeps for backward). `d_out`: a transcoder's."""
+        d_out = d_out or d_in
+        n_params = (d_in + d_out) * spec.width + spec.width + d_out
+        if spec.skip:
+            n_params += d_in * d_out
+        d_in = d_in + d_out if spec.target is not None else d_in  # a transcoder's joined rows
         if spec.arch == "jumprelu":
             n_params += spec.width
         weights = 4 * 4 * n_params  # param, grad, exp_avg, exp_avg_sq
@@ -117,8 +149,7 @@ class SAEObjective:
 
     def tensors(self) -> dict[str, Tensor]:
         """Every tensor this objective holds (for tests and memory accounting)."""
-        out = {name: p for name, p in zip(("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
-                                           self.params, strict=False)}
+        out = dict(zip(self.param_names, self.params, strict=True))
         out |= {n: t for n, t in self.state_tensors().items() if n not in ("step_i", "any_dead")}
         out["stats"] = self._stats
         if self._pre is not None:
@@ -135,7 +166,8 @@ class SAEObjective:
                 if key in st:
                     out[f"opt{i}.{key}"] = torch.as_tensor(st[key])
         out |= {"since_fired": self.since_fired, "fire_count": self.fire_count,
-                "tokens_seen": self.tokens_seen, "scale": self.scale,
+                "tokens_seen": self.tokens_seen, "scale": self.scale, "scale_out": self.scale_out,
+                "center_in": self.center_in,
                 "batch_threshold": self.batch_threshold, "step_i": torch.tensor(self.step_i),
                 "any_dead": torch.tensor(self.any_dead)}
         return out
@@ -152,18 +184,27 @@ class SAEObjective:
         self.since_fired = t["since_fired"].to(dev, copy=True)
         self.fire_count, self.tokens_seen = t["fire_count"].to(dev, copy=True), t["tokens_seen"].to(dev, copy=True)
         self.scale, self.batch_threshold = t["scale"].to(dev, copy=True), t["batch_threshold"].to(dev, copy=True)
+        if "scale_out" in t:
+            self.scale_out = t["scale_out"].to(dev, copy=True)
+        if "center_in" in t:
+            self.center_in = t["center_in"].to(dev, copy=True)
         self.step_i = int(t["step_i"])
         self.initialized = bool(self.scale.item() > 0)
         self.any_dead = bool(t["any_dead"]) if "any_dead" in t else False
 
     @torch.no_grad()
-    def init_from_batch(self, x: Tensor) -> None:
-        """Measure the input scale and initialise b_dec from the first batch."""
+    def init_from_batch(self, x: Tensor, y: Tensor | None = None) -> None:
+        """Measure the input scale (and a transcoder's target scale, from `y`) and
+        initialise b_dec from the first batch's targets."""
         # Ranks hold equal shares of the global batch: the mean of their means is global.
         sq_norm = self.sync.mean_(x.float().pow(2).sum(-1).mean())
         self.scale = (1 / sq_norm.clamp_min(1e-12)).sqrt()
+        if y is not None:
+            sq_out = self.sync.mean_(y.float().pow(2).sum(-1).mean())
+            self.scale_out = (1 / sq_out.clamp_min(1e-12)).sqrt()
+            self.center_in = self.sync.mean_((x.float() * self.scale).mean(0))
         self.initialized = True
-        xs = x * self.scale
+        xs = x * self.scale if y is None else y * self.scale_out
         if self.cfg.b_dec_init == "mean":
             self.sae.b_dec.copy_(self.sync.mean_(xs.mean(0)))
         elif self.cfg.b_dec_init == "geometric_median":  # across ranks: the mean of medians
@@ -171,11 +212,19 @@ class SAEObjective:
 
     # ------------------------------------------------------------------ step
     def train_step(self, x_raw: Tensor, steps: int) -> None:
-        """One optimizer step on a batch [N, d_in] already on this objective's device.
+        """One optimizer step on a batch [N, d_in] (a transcoder's: [N, d_in + d_out],
+        input and target joined) already on this objective's device.
         Nothing is read back to the host (see `read_stats`)."""
+        y_raw = None
+        if self.transcoder:
+            x_raw, y_raw = x_raw[:, :self.d_in], x_raw[:, self.d_in:]
         if not self.initialized:
-            self.init_from_batch(x_raw)
+            self.init_from_batch(x_raw, y_raw)
         x = x_raw.float() * self.scale
+        y = x if y_raw is None else y_raw.float() * self.scale_out
+        x_skip = x
+        if self.transcoder:  # the encoder reads the centred input (see the module docstring)
+            x = x - self.center_in
         # a short run must not spend itself warming up: at most a tenth of it
         warmup = min(self.cfg.warmup_steps, max(1, steps // 10))
         lr = self.lr * losses.lr_factor(self.step_i, steps, warmup, self.cfg.decay_start)
@@ -183,9 +232,9 @@ class SAEObjective:
             group["lr"] = lr
         sparsity_w = losses.warmup_factor(self.step_i, steps, self.cfg.sparsity_warmup)
         if self.spec.arch in TOPK_FAMILY:
-            loss, stats, counts = self._topk_loss(x)
+            loss, stats, counts = self._topk_loss(x, y, x_skip)
         else:
-            loss, stats, counts = self._dense_loss(x, sparsity_w)
+            loss, stats, counts = self._dense_loss(x, y, x_skip, sparsity_w)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.sync.active:
@@ -283,9 +332,14 @@ class SAEObjective:
             capped = pre.new_zeros((), dtype=torch.float32)
         return rows, cols, keep, capped
 
-    def _topk_loss(self, x: Tensor):
+    def _skip(self, x: Tensor) -> Tensor | float:
+        """A skip transcoder's ``x @ W_skip.T`` (0 without a skip)."""
+        return x @ self.W_skip.T if self.W_skip is not None else 0.0
+
+    def _topk_loss(self, x: Tensor, y: Tensor, x_skip: Tensor):
         sae, n = self.sae, x.shape[0]
-        xc, pre = self._encode_pre(x, subtract_b_dec=True)
+        b_dec_in = None if self.transcoder else sae.b_dec  # a transcoder's b_dec is output-side
+        xc, pre = self._encode_pre(x, subtract_b_dec=not self.transcoder)
         stats = {}
         if self.spec.arch in BATCH_FAMILY:
             rows, cols, keep, stats["capped"] = self._batch_topk(pre)
@@ -303,24 +357,24 @@ class SAEObjective:
         codes = SparseCodes(rows, cols, pre.shape, check=False)
         keep_f = keep.to(torch.float32)
         vals = SparseEncodeGrad.apply(xc.detach(), sae.W_enc, sae.b_enc, pre, codes,
-                                      sae.b_dec) * keep_f
-        x_hat = SparseDecode.apply(codes, vals, sae.W_dec) + sae.b_dec
-        loss = losses.mse(x_hat, x)
-        stats |= {"mse": loss, "fvu": losses.fvu(x_hat.detach(), x), "l0": keep_f.sum() / n}
+                                      b_dec_in) * keep_f
+        x_hat = SparseDecode.apply(codes, vals, sae.W_dec) + sae.b_dec + self._skip(x_skip)
+        loss = losses.mse(x_hat, y)
+        stats |= {"mse": loss, "fvu": losses.fvu(x_hat.detach(), y), "l0": keep_f.sum() / n}
         if self.spec.matryoshka_widths:
-            loss, stats["fvu_first"] = self._matryoshka_loss(codes, cols, vals, x, loss)
+            loss, stats["fvu_first"] = self._matryoshka_loss(codes, cols, vals, y, loss)
         if self.any_dead and self.cfg.auxk_alpha > 0:  # AuxK: dead latents explain the residual
             dead = self.since_fired >= self.cfg.dead_tokens
             # k_aux = min(d_in / 2, dead latents), as a fixed-size top-k over the dead ones
             # (the live ones masked to -inf, so they never win: `akeep` drops them)
-            k_aux = min(x.shape[1] // 2, self.spec.width)
+            k_aux = min(y.shape[1] // 2, self.spec.width)
             masked = pre.masked_fill(~dead, -torch.inf)
             arows, acols, akeep = topk_codes_masked(masked, k_aux)
             acodes = SparseCodes(arows, acols, pre.shape, check=False)
             avals = SparseEncodeGrad.apply(xc.detach(), sae.W_enc, sae.b_enc, pre, acodes,
-                                           sae.b_dec) * akeep.to(torch.float32)
+                                           b_dec_in) * akeep.to(torch.float32)
             recon = SparseDecode.apply(acodes, avals, sae.W_dec)
-            aux = losses.auxk((x - x_hat).detach(), recon) * dead.any()
+            aux = losses.auxk((y - x_hat).detach(), recon) * dead.any()
             loss = loss + self.cfg.auxk_alpha * aux
             stats["auxk"] = aux
         counts = torch.zeros(self.spec.width, dtype=torch.float64, device=x.device)
@@ -343,7 +397,7 @@ class SAEObjective:
                 first = losses.fvu(x_hat_w.detach(), x)
         return total / len(widths), first if first is not None else full_mse.new_zeros(())
 
-    def _dense_loss(self, x: Tensor, sparsity_w: float):
+    def _dense_loss(self, x: Tensor, y: Tensor, x_skip: Tensor, sparsity_w: float):
         sae = self.sae
         if self.spec.arch == "relu":
             pre = sae.pre_acts(x)
@@ -359,27 +413,33 @@ class SAEObjective:
                 penalty = self.spec.l0_coef * (l0 / self.spec.target_l0 - 1).pow(2)
             else:
                 penalty = self.spec.l0_coef * l0
-        x_hat = feats @ sae.W_dec + sae.b_dec
-        recon = losses.mse(x_hat, x)
+        x_hat = feats @ sae.W_dec + sae.b_dec + self._skip(x_skip)
+        recon = losses.mse(x_hat, y)
         loss = recon + sparsity_w * penalty
         active = (feats.detach() > 0)
         counts = active.sum(0).double()  # firings per latent
-        stats = {"mse": recon, "fvu": losses.fvu(x_hat.detach(), x),
+        stats = {"mse": recon, "fvu": losses.fvu(x_hat.detach(), y),
                  "l0": active.sum(-1).float().mean(), "sparsity": penalty}
         return loss, stats, counts
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
     def export(self, metadata: dict) -> SAE:
-        """The trained SAE in fp32, taking raw activations (scale folded in)."""
-        sae = build_sae(self.sae.cfg.with_metadata(**metadata), init=False)
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        """The trained SAE (or transcoder) in fp32, taking raw activations (scales folded in)."""
+        cfg = self.sae.cfg.with_metadata(**metadata)
+        sae = build_transcoder(cfg, init=False) if self.transcoder else build_sae(cfg, init=False)
+        names = ("W_enc", "W_dec", "b_enc", "b_dec") + (("W_skip",) if self.spec.skip else ())
+        for name in names:
             getattr(sae, name).copy_(getattr(self.sae, name).cpu())
         if self.spec.arch == "jumprelu":
             sae._set_threshold_(self.threshold.clamp(min=0).cpu())
         if self.spec.arch in BATCH_FAMILY:
             sae.threshold.fill_(float(self.batch_threshold))
-        sae.fold_scale_(self.scale.cpu())
+        if self.transcoder:  # (x - c) @ W_enc + b_enc = x @ W_enc + (b_enc - c @ W_enc)
+            sae.b_enc.sub_(self.center_in.cpu() @ sae.W_enc)
+            sae.fold_scale_(self.scale.cpu(), self.scale_out.cpu())
+        else:
+            sae.fold_scale_(self.scale.cpu())
         return sae.for_export()
 
 

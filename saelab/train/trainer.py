@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from saelab.data.store import ActivationStore, atomic_write_text
-from saelab.data.stream import BatchStream, CacheContexts, ModelContexts
+from saelab.data.stream import BatchStream, CacheContexts, ModelContexts, source_sites
 from saelab.errors import CorruptFileError, SaelabError, ShapeMismatchError
 from saelab.precision import DTYPES, dtype_name, resolve_dtype
 from saelab.train.checkpoint import (
@@ -109,22 +109,24 @@ def plan_groups(cfg: TrainConfig, specs: list, widths: dict[str, int], budget: i
     groups: list[list[int]] = []
     used, sites = 0, set()
     for i, spec in enumerate(specs):
-        cost = SAEObjective.nbytes(spec, widths[spec.site], local_batch, compute_dtype)
-        buf = 2 * cfg.buffer_tokens * widths[spec.site] * buffer_itemsize
+        cost = SAEObjective.nbytes(spec, widths[spec.site], local_batch, compute_dtype,
+                                   d_out=widths[spec.target] if spec.target else None)
+        row = sum(widths[s] for s in spec.sites)  # a transcoder's buffer rows join both sites
+        buf = 2 * cfg.buffer_tokens * row * buffer_itemsize
         if cost + buf > budget:
             raise SaelabError(
                 f"SAE {spec.label} needs {_gb(cost)} (weights, Adam state, scratch for a "
                 f"batch of {local_batch}) plus {_gb(buf)} of buffer, more than the memory "
                 f"budget of {_gb(budget)}. Raise --memory-budget, or lower --batch-size, "
                 "--buffer-tokens or the width.")
-        extra = cost + (0 if spec.site in sites else buf)
+        extra = cost + (0 if spec.key in sites else buf)
         if groups and used + extra <= budget:
             groups[-1].append(i)
             used += extra
-            sites.add(spec.site)
+            sites.add(spec.key)
         else:
             groups.append([i])
-            used, sites = cost + buf, {spec.site}
+            used, sites = cost + buf, {spec.key}
     return groups
 
 
@@ -178,9 +180,10 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
     widths, identity, provenance, buffer_dtype = (
         _stream_identity(data, corpus, cfg) if streaming else _cache_identity(Path(data), cfg))
     for spec in cfg.saes:
-        if spec.site not in widths:
-            raise ShapeMismatchError(f"the data holds sites {list(widths)}; SAE {spec.label} "
-                                     f"needs {spec.site}. Harvest or stream that site.")
+        for site in spec.sites:
+            if site not in widths:
+                raise ShapeMismatchError(f"the data holds sites {list(widths)}; SAE {spec.label} "
+                                         f"needs {site}. Harvest or stream that site.")
     sync = SINGLE if shard_sites else dist
     split = sync.active and not streaming and not cache_per_rank  # ranks share one cache
     local_batch = cfg.batch_size // sync.world_size
@@ -243,9 +246,10 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
         g += 1
         specs = [mine[i] for i in groups[g]]
         objectives = [SAEObjective(s, widths[s.site], cfg, cdt,
-                                   _metadata(s, provenance, cfg), sync=sync, device=dev)
+                                   _metadata(s, provenance, cfg), sync=sync, device=dev,
+                                   d_out=widths[s.target] if s.target else None)
                       for s in specs]
-        sites = list(dict.fromkeys(s.site for s in specs))
+        sites = list(dict.fromkeys(s.key for s in specs))  # buffer keys (pairs for transcoders)
         stream = _open_stream(data, corpus, cfg, sites, dev, buffer_dtype, local_batch, split,
                               dist)
         begin = 0
@@ -267,7 +271,7 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
                                   "harvest dtype.")
             for j, obj in enumerate(objectives):
                 try:
-                    obj.train_step(batch[obj.spec.site], steps)
+                    obj.train_step(batch[obj.spec.key], steps)
                 except torch.OutOfMemoryError:
                     # Split the group: the SAEs from this one on (or the second half, if
                     # it is the first) train again from scratch in a pass of their own,
@@ -292,7 +296,7 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
                                   f"{g + 1}: {', '.join(labels[g + 1])} will train in a "
                                   "pass of their own.", stacklevel=2)
                     for again in objectives[j:]:  # j == 0: the step is retried
-                        again.train_step(batch[again.spec.site], steps)
+                        again.train_step(batch[again.spec.key], steps)
                     break
             trained_steps += 1
             rate = (step + 1 - begin) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
@@ -371,7 +375,8 @@ def _stream_identity(data: Stream, corpus, cfg: TrainConfig):
     lm = data.lm
     widths = {}
     for spec in cfg.saes:
-        widths[spec.site] = site_width(lm.arch, Site.parse(spec.site))
+        for site in spec.sites:
+            widths[site] = site_width(lm.arch, Site.parse(site))
     prov = lm.provenance()
     provenance = {"model": prov["model"], "model_hash": prov["model_hash"], "corpus": corpus.name,
                   "corpus_hash": corpus.sha256, "context": data.context}
@@ -390,18 +395,19 @@ def _open_stream(data, corpus, cfg: TrainConfig, sites: list[str], dev: torch.de
             from saelab.data.harvest import cache_identity
             from saelab.data.stream import open_cache_writer
 
-            all_sites = resolve_sites(data.lm.arch, list(dict.fromkeys(s.site for s in cfg.saes)))
+            all_sites = resolve_sites(data.lm.arch,
+                                      list(dict.fromkeys(x for s in cfg.saes for x in s.sites)))
             ident = cache_identity(data.lm, all_sites, corpus, data.context, dtype, dist.rank,
                                    dist.world_size)
             writer = open_cache_writer(data.save_cache, ident, cfg.tokens)
-        source = ModelContexts(data.lm, sites, corpus, data.context,
+        source = ModelContexts(data.lm, source_sites(sites), corpus, data.context,
                                cfg.chunk_contexts, dtype, rank=dist.rank,
                                world_size=dist.world_size, writer=writer,
                                shard_contexts=max(1, data.shard_tokens // data.context))
         if writer is not None:  # the cache holds every site, so its chunks do too
             source.sites = [s.name for s in all_sites]
     else:
-        source = CacheContexts(ActivationStore(data), sites, cfg.chunk_contexts)
+        source = CacheContexts(ActivationStore(data), source_sites(sites), cfg.chunk_contexts)
     batch = cfg.batch_size if split else local_batch
     return BatchStream(source, sites, batch=batch, capacity=max(cfg.buffer_tokens, 2 * batch),
                        seed=cfg.seed, device=dev, dtype=dtype, outlier_factor=cfg.outlier_factor,
@@ -411,7 +417,9 @@ def _open_stream(data, corpus, cfg: TrainConfig, sites: list[str], dev: torch.de
 def _metadata(spec, provenance: dict, cfg: TrainConfig) -> dict:
     from saelab.models.sites import Site
 
-    return {"model_name": provenance["model"], "model_hash": provenance["model_hash"],
+    out = {"site_out": spec.target, "hook_name_out": Site.parse(spec.target).tl_name
+           } if spec.target else {}
+    return out | {"model_name": provenance["model"], "model_hash": provenance["model_hash"],
             "site": spec.site, "hook_name": Site.parse(spec.site).tl_name,
             "corpus": provenance["corpus"], "corpus_hash": provenance["corpus_hash"],
             "context_size": provenance["context"], "seed": cfg.seed, "trained_by": "saelab",

@@ -11,8 +11,10 @@ Detection, for a folder (a file path means its folder; first rule that matches):
 A folder holding only pickle-based weights (.pt/.pth/.pkl/.bin/.ckpt) is refused
 (UnsafeFileError); a folder holding several SAEs lists them. The activation a
 file names is mapped to the site holding exactly that tensor, or the file is
-refused (UnmappableNameError: transcoders, one-head SAEs, names no site holds);
-see `names`.
+refused (UnmappableNameError: one-head SAEs, names no site holds; see `names`).
+Transcoder folders (SAELens Transcoder / SkipTranscoder, Gemma Scope 2 and sparsify
+transcoders) load as `saelab.sae.transcoder.Transcoder`; sets of them (and circuit-tracer
+sets) with `saelab.sae.transcoder.load_transcoders`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from saelab.sae.formats.names import UnmappableNameError
 
 FORMATS = ("saelens", "gemma-scope", "gemma-scope-2", "sparsify", "dictionary-learning")
 WRITABLE = ("saelens", "gemma-scope", "gemma-scope-2", "sparsify")
+TRANSCODER_WRITABLE = ("saelens", "gemma-scope-2", "sparsify")
 _ALIASES = {
     "native": "saelens",
     "sae-lens": "saelens",
@@ -105,13 +108,23 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
 
 
 def load_sae(
-    path: str | os.PathLike[str], *, format: str | None = None, dtype: str | None = None
+    path: str | os.PathLike[str], *, format: str | None = None, dtype: str | None = None,
+    expect: str | None = None,
 ) -> SAE:
-    """Load the SAE at `path` in whichever format it is (or `format`).
+    """Load the SAE (or transcoder) at `path` in whichever format it is (or `format`).
 
     `dtype` ("float32", "bfloat16", ...) overrides the file's dtype. Every tensor is
-    checked (names, shapes, finite values) before anything is built.
+    checked (names, shapes, finite values) before anything is built. A transcoder
+    folder gives a `saelab.sae.transcoder.Transcoder`; `expect="sae"` refuses one,
+    `expect="transcoder"` refuses an SAE (WrongKindError, naming what the file is).
     """
+    if expect is not None:
+        from saelab.sae.transcoder import require_sae, require_transcoder
+
+        choice("expect", expect, ("sae", "transcoder"))
+        obj = load_sae(path, format=format, dtype=dtype)
+        check = require_sae if expect == "sae" else require_transcoder
+        return check(obj, str(path))
     if dtype is not None:
         choice("dtype", dtype, tuple(DTYPES))
     if format is None:
@@ -154,8 +167,20 @@ def save_sae(
             f"saelab reads {fmt} files but does not write them; pick one of {', '.join(WRITABLE)}"
         )
 
+    from saelab.sae.transcoder import Transcoder
+
+    if isinstance(sae, Transcoder) and fmt not in TRANSCODER_WRITABLE:
+        from saelab.sae.formats.transcoders import refuse_format
+
+        raise refuse_format(fmt)
+
     def write(tmp: Path) -> None:
-        if fmt == "saelens":
+        if isinstance(sae, Transcoder) and fmt != "saelens":
+            if fmt == "gemma-scope-2":
+                gemma_scope.write_v2_transcoder(sae, tmp)
+            else:
+                sparsify.write_transcoder(sae, tmp)
+        elif fmt == "saelens":
             native.write(sae, tmp, log_sparsity=log_sparsity)
         elif fmt == "gemma-scope":
             gemma_scope.write_v1(sae, tmp)

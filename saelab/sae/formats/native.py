@@ -89,6 +89,10 @@ def _check_cfg(raw: dict[str, Any], where: Path) -> None:
 
 def read(folder: Path, *, dtype: str | None = None) -> SAE:
     raw = read_json(folder / CFG)
+    from saelab.sae.formats import transcoders
+
+    if transcoders.is_saelens_transcoder(raw):  # a Transcoder (an SAE subclass) by its cfg.json
+        return transcoders.read_saelens(folder, raw, dtype=dtype)
     _check_cfg(raw, folder / CFG)
     arch, k = _architecture(raw, folder / CFG)
     tensors = read_safetensors(folder / WEIGHTS)
@@ -171,6 +175,12 @@ def cfg_dict(sae: SAE) -> dict[str, Any]:
 
 
 def write(sae: SAE, folder: Path, *, log_sparsity: Tensor | None = None) -> None:
+    from saelab.sae.formats import transcoders
+    from saelab.sae.transcoder import Transcoder
+
+    if isinstance(sae, Transcoder):
+        transcoders.write_saelens(sae, folder)
+        return
     sae = sae.for_export()
     if sae.cfg.architecture not in _TO_SAELENS:
         raise UnknownArchitectureError(
