@@ -141,6 +141,9 @@ def register(app: typer.Typer) -> None:
         skip_contexts: Annotated[str, typer.Option(help="Contexts to skip first; 'auto' = past the SAE's training text.")] = "auto",
         sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also the synthetic-activation sensitivity: KS of blow-up steps, synthetic vs real (slow: ~3 s per base on one CPU thread).")] = False,
         sensitivity_n: Annotated[int, typer.Option(help="Bases of --sensitivity.")] = 200,
+        probing: Annotated[bool, typer.Option("--probing", help="Sparse probing instead (writes probing.json): top-k latents vs the residual stream on labelled sets.")] = False,
+        datasets: Annotated[str | None, typer.Option(help="Comma-separated probing sets (sae-probes names); default 8 chosen sets.")] = None,
+        absorption: Annotated[bool, typer.Option("--absorption", help="First-letter feature absorption instead (writes absorption.json).")] = False,
         out: Annotated[Path | None, typer.Option(help="Output folder; default SAE/eval.")] = None,
         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
         json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
@@ -148,6 +151,12 @@ def register(app: typer.Typer) -> None:
         """Evaluate an SAE: L0, FVU, cosine, shrinkage, dead/dense, ΔCE, loss recovered, KL."""
         from saelab.checks import ABSURD, integer
 
+        if probing or absorption or datasets:
+            from saelab.evals.probing_run import run_extra_evals
+
+            return run_extra_evals(sae, model=model, out=out, device=device, json=json,
+                                   probing=probing or bool(datasets), absorption=absorption,
+                                   datasets=datasets, seed=seed, bootstrap=bootstrap)
         integer("--sensitivity-n", sensitivity_n, low=2, high=ABSURD)  # checked even when off
         status = console.status("loading the model and the SAE, finding held-out text")
         status.start()
