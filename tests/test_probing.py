@@ -140,3 +140,35 @@ def test_probe_config_validates():
         pr.ProbeConfig(n_texts=2)
     with pytest.raises(SaelabError, match="at least one dataset"):
         pr.ProbeConfig(datasets=())
+
+
+def test_eval_probing_and_absorption_commands(lm, tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from saelab.evals.commands import register
+    from saelab.sae import save_sae
+
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+    app = typer.Typer()
+    register(app)
+    model_dir = tmp_path / "model"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    sae = tmp_path / "sae"
+    save_sae(random_sae("relu", d_in=32, d_sae=64, seed=1, metadata={"site": "resid_post.1"}), sae)
+    runner = CliRunner()
+    base = ["eval", str(sae), "--model", str(model_dir), "--bootstrap", "20"]
+    res = runner.invoke(app, [*base, "--probing", "--datasets", "spam_is", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert list(out["datasets"]) == ["spam_is"] and out["saes"][0]["site"] == "resid_post.1"
+    assert json.loads((sae / "eval" / "probing.json").read_text())["schema"] == pr.SCHEMA
+    assert list((tmp_path / "cache" / "probing").glob("spam_is-*.safetensors"))
+    res = runner.invoke(app, [*base, "--absorption"])
+    assert res.exit_code == 0, res.output
+    assert "absorption means nothing here" in " ".join(res.output.split())
+    assert (sae / "eval" / "absorption.json").is_file()
+    res = runner.invoke(app, [*base, "--probing", "--datasets", "spam_iss"])
+    assert res.exit_code == 2 and "unknown probing dataset 'spam_iss'" in res.output
+    assert "Traceback" not in res.output

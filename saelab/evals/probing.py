@@ -52,8 +52,8 @@ SCHEMA = "saelab.probing/1"
 # regression on SmolLM2-135M's mean-pooled residual stream (resid_post.12, 400 training
 # texts) is clearly above chance, with short texts so that the model pass stays cheap.
 DEFAULT_DATASETS: tuple[str, ...] = (
-    "hist_fig_ismale", "headline_istrump", "glue_sst2", "spam_is", "click_bait",
-    "art_type_book", "athlete_sport_football", "world_country_United_States",
+    "hist_fig_ismale", "hist_fig_isamerican", "headline_istrump", "glue_sst2", "spam_is",
+    "click_bait", "world_country_United_States", "code_Python",
 )
 
 DEFINITIONS = {
