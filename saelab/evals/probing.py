@@ -396,8 +396,9 @@ def probe_saes(lm, saes: Any, datasets: Sequence[str] | None = None, *,
         seconds, cached = 0.0, []
         for name, ds in data.items():
             split_list = splits(ds.labels, cfg.test_fraction, cfg.seeds, cfg.seed)
+            stage, total = f"model {site} {name}", len(ds.labels)
             progress = (None if on_progress is None else
-                        lambda n, name=name: on_progress(f"model {site} {name}", n, len(ds.labels)))
+                        lambda n, stage=stage, total=total: on_progress(stage, n, total))
             ta = model_activations(lm, site, ds, cfg, cache_dir=cache_dir, on_progress=progress)
             seconds += ta.seconds
             if ta.from_cache:
