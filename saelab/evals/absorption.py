@@ -52,6 +52,7 @@ import torch
 
 from saelab.checks import ABSURD, MAX_SEED, integer, number
 from saelab.errors import SaelabError
+from saelab.evals.probe_data import require
 
 SCHEMA = "saelab.absorption/1"
 LETTERS = string.ascii_lowercase
@@ -219,6 +220,7 @@ def word_activations(lm, site: str, cfg: AbsorptionConfig, *,
 
 def _logistic(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     """(w, b) in X's own units of a class-balanced logistic regression fitted on standardized X."""
+    require("sklearn", "scikit-learn")
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 

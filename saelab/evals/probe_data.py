@@ -56,6 +56,13 @@ class ProbeDataset:
         return float(max(self.labels.mean(), 1 - self.labels.mean()))
 
 
+def require(module: str, pip_name: str) -> None:
+    """Raise SaelabError naming the pip package when `module` is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise SaelabError(f"probing and absorption need the {pip_name} package, which is not "
+                          f"installed; install it with `pip install {pip_name}`.")
+
+
 def data_folder() -> Path:
     """The package's folder of labelled sets; raises ProbeDataMissingError if not installed."""
     spec = importlib.util.find_spec(PACKAGE)
@@ -96,6 +103,7 @@ def _resolve(name: str) -> tuple[str, Path]:
 
 def read_rows(name: str) -> list[tuple[str, str]]:
     """(prompt, target) of every row of set `name`, in file order."""
+    require("zstandard", "zstandard")
     import zstandard
 
     _, path = _resolve(name)

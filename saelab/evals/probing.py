@@ -34,7 +34,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from torch import Tensor
 
 from saelab.checks import ABSURD, MAX_SEED, integer, number
 from saelab.errors import BadValueError
-from saelab.evals.probe_data import ProbeDataset, load_probe_dataset
+from saelab.evals.probe_data import ProbeDataset, load_probe_dataset, require
 
 SCHEMA = "saelab.probing/1"
 
@@ -94,7 +94,6 @@ class ProbeConfig:
     """Bootstrap replicates for the intervals (0: none)."""
     C: float = 1.0
     """Inverse L2 strength of the logistic regressions."""
-    notes: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(self.datasets))
@@ -113,9 +112,7 @@ class ProbeConfig:
             integer("ks", k, low=1, high=ABSURD)
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        out.pop("notes")
-        return out
+        return asdict(self)
 
 
 @dataclass
@@ -273,6 +270,7 @@ def top_k_mean_diff(X: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
 def fit_predict(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, C: float = 1.0
                 ) -> np.ndarray:
     """Predicted labels of X_test by a logistic regression fitted on standardized X_train."""
+    require("sklearn", "scikit-learn")
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -440,7 +438,9 @@ def probe_saes(lm, saes: Any, datasets: Sequence[str] | None = None, *,
                   "probe_s": round(encode_s[label], 2)}
                  for label, site, sae in bound],
         "definitions": DEFINITIONS,
-        "notes": list(cfg.notes),
+        "notes": [f"probing dataset {name!r} holds only {ds.n_available} texts, fewer than "
+                  f"n_texts={cfg.n_texts}: its intervals are wider."
+                  for name, ds in data.items() if ds.n_available < cfg.n_texts],
     }
     return result
 
