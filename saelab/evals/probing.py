@@ -100,6 +100,8 @@ class ProbeConfig:
         object.__setattr__(self, "ks", tuple(sorted(set(self.ks))))
         if not self.datasets:
             raise BadValueError("probing needs at least one dataset")
+        if not self.ks:
+            raise BadValueError("probing needs at least one k (ks), e.g. (1, 2, 5)")
         integer("n_texts", self.n_texts, low=8, high=ABSURD)
         number("test_fraction", self.test_fraction, low=0.05, high=0.95)
         integer("max_tokens", self.max_tokens, low=1, high=ABSURD)

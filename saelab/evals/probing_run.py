@@ -95,20 +95,28 @@ def _fmt(m: dict | None) -> str:
     return f"{m['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+def _short(m: dict) -> str:
+    """value ± the larger half of its interval: the table stays narrow."""
+    ci = m.get("ci95")
+    half = max(m["value"] - ci[0], ci[1] - m["value"]) if ci else None
+    return f"{m['value']:.2f}" + (f"±{half:.2f}" if half is not None else "")
+
+
 def print_probing(result: dict, console) -> None:
     from rich.table import Table
 
     sae = result["saes"][0]
     model = result["sites"][sae["site"]]["model"]
     keys = list(sae["mean"])
-    table = Table("dataset", "chance", *[f"SAE {k}" for k in keys], f"model {keys[0]}",
+    table = Table("dataset", "chance", *[f"SAE {k}" for k in keys], f"model {keys[-2]}",
                   "model all", title=f"sparse probing: {sae['architecture']} SAE at {sae['site']}"
-                  " (test accuracy, 95% CI)")
+                  " (test accuracy ± 95% interval)")
     rows = [(name, sae["datasets"][name], model["datasets"][name],
              f"{result['datasets'][name]['chance']:.2f}") for name in sae["datasets"]]
     rows.append(("mean", sae["mean"], model["mean"], ""))
     for name, s, m, chance in rows:
-        table.add_row(name, chance, *[_fmt(s[k]) for k in keys], _fmt(m[keys[0]]), _fmt(m["all"]))
+        table.add_row(name, chance, *[_short(s[k]) for k in keys], _short(m[keys[-2]]),
+                      _short(m["all"]))
     console.print(table)
     site = result["sites"][sae["site"]]
     console.print(f"model activations {site['activations_s']:.1f} s"
