@@ -5,7 +5,7 @@
     result["metrics"]["mean_absorption_fraction"]   # {"value": .., "ci95": [..]}
 
 Words are single tokens of the model's vocabulary made of letters (optionally after a
-space). Each is shown as SAEBench shows it: in-context examples "{w} has the first
+space), drawn evenly over first letters (so that rare letters have words to test on). Each is shown as SAEBench shows it: in-context examples "{w} has the first
 letter: W", one per line, then "{word} has the first letter:"; the activation is read at
 the word's token (the model is causal: the text after the word cannot change it, so the
 prompt is cut after the word).
@@ -83,7 +83,7 @@ class AbsorptionConfig:
     """Settings; the thresholds are SAEBench's defaults."""
 
     n_words: int = 1600
-    """Vocabulary words to use (drawn at random among the letter-only single tokens)."""
+    """Vocabulary words to use: letter-only single tokens, drawn evenly over first letters."""
     test_fraction: float = 0.25
     icl_examples: int = 10
     """In-context examples before each word (SAEBench: 10)."""
@@ -130,17 +130,24 @@ class WordActs:
 
 def letter_words(tokenizer, n: int, seed: int) -> list[tuple[int, str]]:
     """Up to `n` (token id, word) of single tokens made of ASCII letters, with or without a
-    leading space (SAEBench's `get_alpha_tokens`), drawn at random; sorted by id first so that
-    the draw does not depend on the vocabulary's dict order."""
-    found = []
+    leading space (SAEBench's `get_alpha_tokens`), drawn at random, as evenly over first
+    letters as the vocabulary allows: SAEBench uses the whole vocabulary, where even q and x
+    have many words; a sample drawn in proportion would leave them a word or two to test on.
+    Ids are sorted first so that the draw does not depend on the vocabulary's dict order."""
+    by_letter: dict[int, list[tuple[int, str]]] = {}
     for tok_id in sorted(set(tokenizer.get_vocab().values())):
         word = tokenizer.decode([tok_id])
         core = word[1:] if word.startswith(" ") else word
         if core and core.isascii() and core.isalpha():
-            found.append((tok_id, word))
+            by_letter.setdefault(LETTERS.index(core[0].lower()), []).append((tok_id, word))
     rng = np.random.default_rng(seed)
-    pick = rng.permutation(len(found))[:n]
-    return [found[i] for i in sorted(pick)]
+    pools = {li: [words[i] for i in rng.permutation(len(words))] for li, words in by_letter.items()}
+    picked: list[tuple[int, str]] = []
+    while len(picked) < n and any(pools.values()):  # round-robin over letters, 1 word each
+        for li in sorted(pools):
+            if pools[li] and len(picked) < n:
+                picked.append(pools[li].pop())
+    return sorted(picked)
 
 
 def _prefix(words: list[str], cfg: AbsorptionConfig, rng: np.random.Generator, exclude: str) -> str:
