@@ -198,7 +198,7 @@ def word_activations(lm, site: str, cfg: AbsorptionConfig, *,
         head_ids = tok(head, add_special_tokens=False)["input_ids"] if head else []
         rows.append(([bos] if bos is not None else []) + prefix + head_ids + [tok_id])
     order = np.argsort([len(r) for r in rows], kind="stable")
-    X = np.zeros((len(rows), lm.arch.d_model), dtype=np.float32)
+    X: np.ndarray | None = None  # (n, site width), allocated at the first batch
     with capture(lm.model, site, arch=lm.arch) as acts:
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start:start + cfg.batch_size]
@@ -210,6 +210,8 @@ def word_activations(lm, site: str, cfg: AbsorptionConfig, *,
                 ids[j, : len(rows[i])] = torch.tensor(rows[i])
                 mask[j, : len(rows[i])] = 1
             x = acts.run(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device))[site]
+            if X is None:
+                X = np.zeros((len(rows), x.shape[-1]), dtype=np.float32)
             X[batch] = x[torch.arange(len(batch)), last.to(x.device)].float().cpu().numpy()
             if on_progress is not None:
                 on_progress(min(start + cfg.batch_size, len(order)), len(order))

@@ -393,14 +393,14 @@ def probe_saes(lm, saes: Any, datasets: Sequence[str] | None = None, *,
     n_encodings, done_encodings = len(bound) * len(data), 0
     for site in dict.fromkeys(site for _, site, _ in bound):
         model_rows: dict[str, dict] = {}
-        seconds, cached = 0.0, []
+        seconds, cached, width = 0.0, [], 0
         for name, ds in data.items():
             split_list = splits(ds.labels, cfg.test_fraction, cfg.seeds, cfg.seed)
             stage, total = f"model {site} {name}", len(ds.labels)
             progress = (None if on_progress is None else
                         lambda n, stage=stage, total=total: on_progress(stage, n, total))
             ta = model_activations(lm, site, ds, cfg, cache_dir=cache_dir, on_progress=progress)
-            seconds += ta.seconds
+            seconds, width = seconds + ta.seconds, int(ta.acts.shape[1])
             if ta.from_cache:
                 cached.append(name)
             model_rows[name] = scorer.score(f"model:{site}", name,
@@ -421,7 +421,7 @@ def probe_saes(lm, saes: Any, datasets: Sequence[str] | None = None, *,
             del ta
         sites[site] = {"model": {"datasets": model_rows,
                                  "mean": scorer.mean(f"model:{site}", model_rows)},
-                       "d_model": int(lm.arch.d_model), "activations_s": round(seconds, 2),
+                       "width": width, "activations_s": round(seconds, 2),
                        "activations_from_cache": cached}
     test_n = {name: len(splits(ds.labels, cfg.test_fraction, 1, cfg.seed)[0][1])
               for name, ds in data.items()}
