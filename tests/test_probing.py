@@ -172,3 +172,29 @@ def test_eval_probing_and_absorption_commands(lm, tmp_path, monkeypatch):
     res = runner.invoke(app, [*base, "--probing", "--datasets", "spam_iss"])
     assert res.exit_code == 2 and "unknown probing dataset 'spam_iss'" in res.output
     assert "Traceback" not in res.output
+
+
+def test_an_sae_latent_that_reads_the_planted_direction_reaches_the_planted_accuracy():
+    from saelab.sae import SAEConfig, build_sae
+
+    rng = np.random.default_rng(1)
+    n, d, flip = 600, 16, 0.1
+    y = rng.permutation(np.arange(n) % 2)
+    shown = np.where(rng.random(n) < flip, 1 - y, y)  # the concept as the text shows it
+    counts = rng.integers(3, 9, size=n)
+    text = np.repeat(np.arange(n), counts)
+    acts = rng.normal(size=(len(text), d)) * 0.3
+    acts[:, 5] += 2.0 * shown[text]  # every token of a text carries the direction
+    ta = pr.TextActs("planted", torch.tensor(acts, dtype=torch.float32),
+                     torch.tensor(np.concatenate([[0], np.cumsum(counts)])), y)
+    sae = build_sae(SAEConfig("relu", d_in=d, d_sae=32, metadata={"site": "resid_post.0"}))
+    with torch.no_grad():  # latent 9 reads dimension 5; the others read noise
+        sae.W_enc.copy_(torch.randn(d, 32, generator=torch.Generator().manual_seed(0)) * 0.3)
+        sae.W_enc[:, 9] = torch.eye(d)[5]
+        sae.b_enc.fill_(-0.5)
+        sae.b_dec.zero_()
+    split_list = pr.splits(y, 1 / 3, 5, 0)
+    pooled = pr.pool_sae(sae.eval(), ta)
+    assert list(pr.top_k_mean_diff(pooled, y, 1)) == [9]
+    correct = pr.probe_correct(pooled, y, (1,), split_list)
+    assert correct["k1"].mean() == pytest.approx(1 - flip, abs=0.03)
