@@ -117,6 +117,9 @@ def test_absorption_on_a_tiny_model_end_to_end(tmp_path):
     json.dumps(res)
     assert res["site"] == "resid_post.1" and res["n_words"] == 52  # a-z and A-Z
     assert res["model_knows_letters"] is False and res["metrics"] is None
-    assert list(tmp_path.glob("first-letter-*.npy"))  # the model pass is cached
+    assert len(list(tmp_path.glob("first-letter-*.npy"))) == 1  # the model pass is cached
+    other = ab.absorption(lm, sae, n_words=40, icl_examples=3, bootstrap=10, cache_dir=tmp_path)
+    assert other["n_words"] == 40  # other words: a cache miss, never the 52 words' rows
+    assert len(list(tmp_path.glob("first-letter-*.npy"))) == 2
     with pytest.raises(ab.ModelTooWeakError, match="does not know first letters"):
         ab.absorption(lm, sae, n_words=52, icl_examples=3, cache_dir=tmp_path, strict=True)

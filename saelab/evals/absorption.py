@@ -177,9 +177,10 @@ def word_activations(lm, site: str, cfg: AbsorptionConfig, *,
     perm = rng.permutation(len(words))
     n_test = max(1, round(len(words) * cfg.test_fraction))
     test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    # The words themselves are in the key: a change in how they are drawn must miss the cache.
     key = hashlib.sha256(json.dumps({"model": getattr(lm, "source_hash", lm.name), "site": site,
-                                     "cfg": asdict(cfg), "schema": SCHEMA, "dtype": str(lm.dtype)},
-                                    sort_keys=True).encode()).hexdigest()[:24]
+                                     "cfg": asdict(cfg), "schema": SCHEMA, "dtype": str(lm.dtype),
+                                     "words": pairs}, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"first-letter-{key}.npy" if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
