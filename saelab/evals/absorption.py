@@ -168,7 +168,7 @@ def word_activations(lm, site: str, cfg: AbsorptionConfig, *,
 
     tok = lm.tokenizer
     pairs = letter_words(tok, cfg.n_words, cfg.seed)
-    if len(pairs) < 2 * len(LETTERS):
+    if len(pairs) < len(LETTERS):
         raise SaelabError(f"the tokenizer has only {len(pairs)} letter-only tokens: too few "
                           "words for the first-letter task")
     words = [w for _, w in pairs]
