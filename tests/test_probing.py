@@ -127,6 +127,11 @@ def test_probe_saes_shares_one_model_pass_and_caches_it(lm, tmp_path, monkeypatc
     assert again["sites"]["resid_post.1"]["activations_from_cache"] == ["spam_is"]
     assert (again["sites"]["resid_post.1"]["model"]["datasets"]["spam_is"]
             == site["model"]["datasets"]["spam_is"])
+    for f in tmp_path.glob("spam_is-*.safetensors"):  # a truncated cache file is recomputed
+        f.write_bytes(f.read_bytes()[:100])
+    third = pr.probe_saes(lm, saes["relu"], ["spam_is"], cache_dir=tmp_path, **settings)
+    assert third["sites"]["resid_post.1"]["activations_from_cache"] == []
+    assert third["saes"][0]["datasets"] == again["saes"][0]["datasets"]
 
 
 def test_an_sae_at_a_site_the_model_lacks(lm):
