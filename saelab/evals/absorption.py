@@ -229,18 +229,24 @@ def word_activations(lm, site: str, cfg: AbsorptionConfig, *,
 
 
 def _logistic(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """(w, b) in X's own units of a class-balanced logistic regression fitted on standardized X."""
+    """(w, b) in X's own units of a class-balanced logistic regression.
+
+    Fitted on X centred and divided by one scalar (its overall standard deviation): that
+    helps the solver without changing which direction w points in. Per-dimension scaling
+    would: the direction would lean on low-variance dimensions, and its cosines with the
+    SAE's decoder rows, which absorption thresholds, would mean something else.
+    """
     require("sklearn", "scikit-learn")
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    mean, std = X.mean(0), X.std(0)
-    std = np.where(std > 1e-12, std, 1.0)
+    mean = X.mean(0)
+    scale = float(X.std()) or 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        clf = LogisticRegression(max_iter=1000, class_weight="balanced").fit((X - mean) / std, y)
-    w = clf.coef_[0] / std
-    return w, float(clf.intercept_[0] - (clf.coef_[0] * mean / std).sum())
+        clf = LogisticRegression(max_iter=1000, class_weight="balanced").fit((X - mean) / scale, y)
+    w = clf.coef_[0] / scale
+    return w, float(clf.intercept_[0] - w @ mean)
 
 
 def _f1(pred: np.ndarray, truth: np.ndarray) -> float:
