@@ -123,3 +123,20 @@ def test_absorption_on_a_tiny_model_end_to_end(tmp_path):
     assert len(list(tmp_path.glob("first-letter-*.npy"))) == 2
     with pytest.raises(ab.ModelTooWeakError, match="does not know first letters"):
         ab.absorption(lm, sae, n_words=52, icl_examples=3, cache_dir=tmp_path, strict=True)
+
+
+def test_a_scale_folded_into_the_decoder_changes_nothing():
+    """Latents 100x smaller with decoder rows 100x longer reconstruct the same: the same
+    absorption (SAEBench's a_i cos_i would assume unit rows and see 100x less)."""
+    wa, _ = synthetic_words()
+    plain = ab.absorption_from_acts(dictionary(planted=True), wa, CFG)
+    sae = dictionary(planted=True)
+    with torch.no_grad():
+        sae.W_enc /= 100
+        sae.b_enc /= 100
+        sae.W_dec *= 100
+    scaled = ab.absorption_from_acts(sae, wa, CFG)
+    for key in ("mean_absorption_fraction", "mean_full_absorption_rate"):
+        assert scaled["metrics"][key]["value"] == pytest.approx(plain["metrics"][key]["value"])
+        assert plain["metrics"][key]["value"] > 0
+    assert [w["word"] for w in scaled["words"]] == [w["word"] for w in plain["words"]]

@@ -22,8 +22,10 @@ prompt is cut after the word).
    the difference of means, as its sparse probing does.
 3. For each test word of the letter that the probe gets right, with x its activation,
    d the unit probe direction, a_i the SAE latents and c_i = cos(W_dec[i], d):
-   the probe projection P = x.d, each latent's projection p_i = a_i c_i, the main
-   latents' total M = sum of p_i over them.
+   the probe projection P = x.d, each latent's projection p_i = a_i |W_dec[i]| c_i (what
+   it adds to the reconstruction along d; SAEBench writes a_i c_i, the same for the unit
+   decoder rows SAELens uses, but saelab's files may fold a scale into the decoder), the
+   main latents' total M = sum of p_i over them.
    absorption fraction: absorbers are the up to 3 non-main latents with c_i >= 0.1 and
    p_i > 0, largest p_i first, their total A. If M >= P or A / P < 0.4, 0; else if
    M <= 0, 1; else min(A, P - M) / (min(A, P - M) + M), clipped to [0, 1].
@@ -322,14 +324,17 @@ def main_latents(Z_train: np.ndarray, y_train: np.ndarray, Z_test: np.ndarray,
 
 
 def word_absorption(x: np.ndarray, z: np.ndarray, direction: np.ndarray, cos: np.ndarray,
-                    main: list[int], cfg: AbsorptionConfig) -> dict:
+                    main: list[int], cfg: AbsorptionConfig,
+                    dec_norms: np.ndarray | None = None) -> dict:
     """SAEBench's absorption fraction and full absorption for one word (module docstring).
 
     x: (d,) activation; z: (d_sae,) latents; direction: (d,) unit probe direction;
-    cos: (d_sae,) cosine of each decoder row with it; main: the letter's main latents.
+    cos: (d_sae,) cosine of each decoder row with it; main: the letter's main latents;
+    dec_norms: (d_sae,) decoder row norms (None: unit rows, as SAEBench assumes).
     """
     P = float(x @ direction)
-    proj = z * cos
+    # what latent i adds to the reconstruction along the probe: z_i |W_dec[i]| cos_i
+    proj = z * cos * (dec_norms if dec_norms is not None else 1.0)
     M = float(proj[main].sum()) if main else 0.0
     candidates = np.ones(len(z), dtype=bool)
     candidates[main] = False
@@ -383,14 +388,16 @@ def absorption_from_acts(sae, wa: WordActs, cfg: AbsorptionConfig | None = None,
     Ztr, Zte = Z[wa.train], Z[wa.test]
     Xte, yte = wa.X[wa.test], wa.letters[wa.test]
     W_dec = sae.W_dec.detach().float().cpu().numpy()
-    dec_unit = W_dec / np.maximum(np.linalg.norm(W_dec, axis=1, keepdims=True), 1e-12)
+    dec_norms = np.linalg.norm(W_dec, axis=1)
+    dec_unit = W_dec / np.maximum(dec_norms[:, None], 1e-12)
     per_letter, word_rows = {}, []
     for li in passing:
         direction = probe.weights[li] / max(np.linalg.norm(probe.weights[li]), 1e-12)
         cos = dec_unit @ direction
         main, f1s = main_latents(Ztr, wa.letters[wa.train] == li, Zte, yte == li, cfg)
         tp = np.flatnonzero((yte == li) & (Xte @ probe.weights[li] + probe.bias[li] > 0))
-        rows = [word_absorption(Xte[i], Zte[i], direction, cos, main, cfg) for i in tp]
+        rows = [word_absorption(Xte[i], Zte[i], direction, cos, main, cfg, dec_norms)
+                for i in tp]
         for i, row in zip(tp, rows):
             word_rows.append({"letter": LETTERS[li], "word": wa.words[wa.test[i]], **row})
         per_letter[LETTERS[li]] = {
