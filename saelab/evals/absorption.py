@@ -382,7 +382,8 @@ def absorption_from_acts(sae, wa: WordActs, cfg: AbsorptionConfig | None = None,
             f"the model does not know first letters well enough at this site: only "
             f"{len(passing)} of 26 letters have a probe F1 above {cfg.min_probe_f1} (at least "
             f"{cfg.min_letters} are needed, as in SAEBench), so absorption means nothing here "
-            "and is not reported; use a larger model or another layer.")
+            "and is not reported; use a larger model, another layer, or more words "
+            f"(n_words={cfg.n_words} now).")
         return out
     Z = _encode(sae, wa.X)
     Ztr, Zte = Z[wa.train], Z[wa.test]
