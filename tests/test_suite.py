@@ -31,7 +31,10 @@ def corpus():
 
 def small(corpus) -> SuiteConfig:
     return SuiteConfig(tokens=256, corpus=corpus, context=32, batch_size=4, bootstrap=100,
-                       feature_tokens=1024, explain_features=8, negatives=10)
+                       feature_tokens=1024, explain_features=8, negatives=10,
+                       probing=dict(datasets=("spam_is", "click_bait"), n_texts=40, seeds=2,
+                                    bootstrap=50, max_tokens=24),
+                       absorption=dict(n_words=52, icl_examples=3, bootstrap=10))
 
 
 def test_suite_end_to_end(lm, corpus, tmp_path):
@@ -49,11 +52,17 @@ def test_suite_end_to_end(lm, corpus, tmp_path):
         lo, hi = m["fvu"]["ci95"]
         assert lo <= m["fvu"]["value"] <= hi
         assert 0 <= m["embedding_auroc"]["value"] <= 1
+        assert 0 <= m["probing_k1"]["value"] <= 1 and 0 <= m["probing_all"]["value"] <= 1
+        # a random tiny model does not know first letters: no number, and a note says why
+        assert m["absorption_fraction"]["value"] is None
+    assert any("absorption" in n for n in result["notes"])
     table = pq.read_table(tmp_path / "suite.parquet").to_pylist()
     assert {(t["sae"], t["metric"]) for t in table} >= {("topk", "l0"), ("batchtopk", "embedding_auroc")}
     assert json.loads((tmp_path / "suite.json").read_text())["schema"] == "saelab.suite/1"
     page = (tmp_path / "report.html").read_text()
-    assert page.count("<img") == len(metric_names(result)) - 1  # each metric against L0
+    measured = [n for n in metric_names(result)
+                if any(r["metrics"][n]["value"] is not None for r in result["saes"])]
+    assert page.count("<img") == len(measured) - 1  # each measured metric against L0
     assert (tmp_path / "features" / "topk" / "explanations.parquet").is_file()
     assert (tmp_path / "topk" / "eval" / "eval.json").is_file()
 

@@ -166,9 +166,12 @@ def register(app: typer.Typer) -> None:
         skip_contexts: Annotated[str, typer.Option(help="Contexts to skip first; 'auto' = past the SAE's training text.")] = "auto",
         sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Also the synthetic-activation sensitivity: KS of blow-up steps, synthetic vs real (slow: ~3 s per base on one CPU thread).")] = False,
         sensitivity_n: Annotated[int, typer.Option(help="Bases of --sensitivity.")] = 200,
+        probing: Annotated[bool, typer.Option("--probing", help="Sparse probing instead (writes probing.json): top-k latents vs the residual stream on labelled sets.")] = False,
+        datasets: Annotated[str | None, typer.Option(help="Comma-separated probing sets (sae-probes names); default 8 chosen sets.")] = None,
+        absorption: Annotated[bool, typer.Option("--absorption", help="First-letter feature absorption instead (writes absorption.json).")] = False,
         out: Annotated[Path | None, typer.Option(help="Output folder; default SAE/eval.")] = None,
         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-        suite: Annotated[str | None, typer.Option(help="Evaluate several SAEs on every metric of a suite ('all', or names: reconstruction,interpretation) into one page in --out.")] = None,
+        suite: Annotated[str | None, typer.Option(help="Evaluate several SAEs on every metric of a suite ('all', or names: reconstruction,interpretation,probing,absorption) into one page in --out.")] = None,
         feature_tokens: Annotated[int, typer.Option(help="--suite: tokens collected for the features that interpretation explains.")] = 20_000,
         explain_features: Annotated[int, typer.Option(help="--suite: features explained and scored per SAE.")] = 100,
         json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
@@ -197,7 +200,12 @@ def register(app: typer.Typer) -> None:
             raise SaelabError(f"{len(saes)} SAEs given: `saelab eval` takes one SAE, or several "
                               "with --suite all (one page comparing them).")
         sae = saes[0]
+        if probing or absorption or datasets:
+            from saelab.evals.probing_run import run_extra_evals
 
+            return run_extra_evals(sae, model=model, out=out, device=device, json=json,
+                                   probing=probing or bool(datasets), absorption=absorption,
+                                   datasets=datasets, seed=seed, bootstrap=bootstrap)
         integer("--sensitivity-n", sensitivity_n, low=2, high=ABSURD)  # checked even when off
         status = console.status("loading the model and the SAE, finding held-out text")
         status.start()

@@ -58,6 +58,10 @@ class SuiteConfig:
     """Features explained and scored per SAE (alive, lowest ids first)."""
     negatives: int = 50
     """Random texts per feature in the embedding scorer."""
+    probing: dict = field(default_factory=dict)
+    """ProbeConfig fields for the probing metric (datasets, n_texts, seeds...); {}: defaults."""
+    absorption: dict = field(default_factory=dict)
+    """AbsorptionConfig fields for the absorption metric (n_words...); {}: defaults."""
 
     def __post_init__(self) -> None:
         for name in ("tokens", "context", "batch_size", "feature_tokens", "explain_features",
@@ -133,10 +137,49 @@ def interpretation_metrics(ctx: SuiteContext, entry: SAEEntry) -> dict[str, dict
             "embedding_auroc_control": {"value": ctl["mean"], "ci95": ctl["ci95"]}}
 
 
+def probing_metrics(ctx: SuiteContext, entry: SAEEntry) -> dict[str, dict]:
+    """Sparse-probing accuracy (saelab/evals/probing.py), mean over the default datasets, for
+    k = 1, 2, 5 and all latents; every SAE of the suite probed from one model pass per site."""
+    from saelab.evals.probing import probe_saes
+
+    if "probing" not in ctx.cache:
+        ctx.cache["probing"] = probe_saes(ctx.lm, {e.name: e.sae for e in ctx.entries},
+                                          **{"seed": ctx.config.seed, **ctx.config.probing})
+    row = next(r for r in ctx.cache["probing"]["saes"] if r["label"] == entry.name)
+    return {f"probing_{k}": _value_ci(v) for k, v in row["mean"].items()
+            if k in ("k1", "k2", "k5", "all")}
+
+
+def _value_ci(metric: dict) -> dict:
+    return {"value": metric["value"], "ci95": metric["ci95"]}
+
+
+def absorption_metrics(ctx: SuiteContext, entry: SAEEntry) -> dict[str, dict]:
+    """First-letter absorption (saelab/evals/absorption.py), from one model pass per site;
+    None, with a note, where the model does not know first letters well enough."""
+    from saelab.evals.absorption import AbsorptionConfig, absorption, word_activations
+
+    site = entry.sae.cfg.site
+    cfg = AbsorptionConfig(**{"seed": ctx.config.seed, **ctx.config.absorption})
+    key = f"absorption:{site}"
+    if key not in ctx.cache:
+        ctx.cache[key] = word_activations(ctx.lm, site, cfg)
+    result = absorption(ctx.lm, entry.sae, cfg, word_acts=ctx.cache[key])
+    if result["metrics"] is None:
+        ctx.notes += [f"{entry.name}: absorption: {n}" for n in result["notes"]]
+        return {"absorption_fraction": {"value": None, "ci95": None},
+                "full_absorption_rate": {"value": None, "ci95": None}}
+    m = result["metrics"]
+    return {"absorption_fraction": _value_ci(m["mean_absorption_fraction"]),
+            "full_absorption_rate": _value_ci(m["mean_full_absorption_rate"])}
+
+
 # The suite: name -> metric function. `all` runs every entry, in this order.
 METRICS: dict[str, MetricFn] = {
     "reconstruction": reconstruction_metrics,
     "interpretation": interpretation_metrics,
+    "probing": probing_metrics,
+    "absorption": absorption_metrics,
 }
 # Lower is better for these; every other metric: higher is better (the page says which).
 LOWER_IS_BETTER = {"fvu", "delta_ce", "kl_score", "dead_fraction"}
