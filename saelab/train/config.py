@@ -38,6 +38,10 @@ class SAESpec:
     """L1 coefficient (relu), on inputs scaled to unit mean squared norm."""
     l0_coef: float = 1e-2
     """L0 coefficient λ (jumprelu)."""
+    tag: str = ""
+    """Suffix of the label, so SAEs of one site, arch and width (other L1 coefficients or
+    initialisation seeds, as in a study's grid) can train from one stream; it also seeds
+    their initialisation (through the label)."""
 
     def __post_init__(self):
         choice("arch", self.arch, ARCHS)
@@ -48,11 +52,15 @@ class SAESpec:
         # Inputs have unit mean squared norm: past MAX_COEF the first step kills every latent.
         number("l1", self.l1, low=0, high=MAX_COEF)
         number("l0_coef", self.l0_coef, low=0, high=MAX_COEF)
+        if not isinstance(self.tag, str) or not all(c.isalnum() or c in "._" for c in self.tag):
+            raise BadValueError(f"tag={self.tag!r}: use letters, digits, '.' and '_' only "
+                                "(it becomes part of a folder name)")
 
     @property
     def label(self) -> str:
         return f"{self.site}-{self.arch}-{self.width}" + (
-            f"-k{self.k}" if self.arch in ("topk", "batchtopk") else "")
+            f"-k{self.k}" if self.arch in ("topk", "batchtopk") else "") + (
+            f"-{self.tag}" if self.tag else "")
 
 
 @dataclass(frozen=True)
