@@ -43,6 +43,8 @@ from saelab.studies.dictionaries_config import (
     DictionariesConfig,
     Point,
     check_memory,
+    featured_sparsity,
+    featured_width,
     grid_specs,
 )
 from saelab.studies.timings import StageClock
@@ -74,9 +76,7 @@ def connection_sites(arch: Any, site: str) -> tuple[str, ...]:
 def featured_point(points: list[Point], cfg: DictionariesConfig) -> Point:
     """The dictionary whose features are shown: the upper-middle width (4x of 1..8x, the
     original's), the middle sparsity, the first seed."""
-    widths = sorted(cfg.widths)
-    mult = widths[len(widths) // 2]
-    sparsity = sorted(cfg.sparsities)[(len(cfg.sparsities) - 1) // 2]
+    mult, sparsity = featured_width(cfg.widths), featured_sparsity(cfg.sparsities)
     return next(p for p in points if p.role == "grid" and p.width_mult == mult
                 and p.sparsity == sparsity and p.seed == cfg.seed)
 
@@ -193,7 +193,7 @@ def _train(lm, cfg: DictionariesConfig, specs, folder: Path, stage: Stage, budge
 
     tcfg = TrainConfig(saes=tuple(specs), tokens=cfg.tokens, batch_size=cfg.batch_size,
                        lr=cfg.lr, seed=cfg.seed, buffer_tokens=BUFFER_TOKENS,
-                       checkpoint_every=max(cfg.tokens // 8, cfg.batch_size),
+                       checkpoint_every=max(cfg.tokens // 4, cfg.batch_size),  # a grid checkpoint is large
                        chunk_contexts=64, log_every=20)
     done = all((folder / s.label / "cfg.json").is_file() for s in specs)
     if not done:
@@ -268,7 +268,8 @@ def _features(lm, cfg, saes, dirs, shown: list[Point], folder: Path, stage: Stag
             update(done)
 
     icfg = IndexConfig(tokens=cfg.feature_tokens, corpus=cfg.corpus, context=cfg.context,
-                       batch_size=64, ablate=64, max_back=cfg.max_back, cards=64)
+                       batch_size=64, ablate=cfg.index_ablate, max_back=cfg.max_back,
+                       cards=max(cfg.index_ablate, 16))
     return build_index(lm, {p.label: (saes[p.label], dirs[p.label]) for p in shown}, folder,
                        icfg, on_stage=on_stage)
 

@@ -39,6 +39,7 @@ def register(study_app: typer.Typer) -> None:
         connect_alpha: Annotated[float, typer.Option(help="Lasso penalty of the connection fit.")] = 0.01,
         recur_threshold: Annotated[float, typer.Option(help="Max cosine at which a feature recurs.")] = 0.9,
         featured: Annotated[int, typer.Option(help="Most recurring features shown with dashboards.")] = 6,
+        index_ablate: Annotated[int, typer.Option(help="Features per feature index with ablated text of their top example.")] = 64,
         seed: Annotated[int, typer.Option(help="Base seed (data order, first initialisation).")] = 0,
         memory_budget: Annotated[str | None, typer.Option(help="Memory the one-pass grid may use, e.g. 4GB (default: 80% of what is free).")] = None,
         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -58,7 +59,7 @@ def register(study_app: typer.Typer) -> None:
             connect=connect, eval_tokens=eval_tokens, feature_tokens=feature_tokens,
             connect_tokens=connect_tokens, connect_features=connect_features,
             connect_alpha=connect_alpha, recur_threshold=recur_threshold, featured=featured,
-            seed=seed)
+            index_ablate=index_ablate, seed=seed)
         from saelab.models.load import load_model
         from saelab.studies.dictionaries import run_dictionaries
         from saelab.studies.stage_lines import study_progress

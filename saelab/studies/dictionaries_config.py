@@ -50,7 +50,7 @@ class DictionariesConfig:
     corpus: str = "builtin"
     connect: bool = True
     """Also train one dictionary at the next residual site and at the next MLP output (the
-    middle width and sparsity, seed 0) and fit sparse linear connections to them."""
+    featured width and sparsity, first seed) and fit sparse linear connections to them."""
     eval_tokens: int = 2_000
     """Held-out tokens for L0, FVU, loss recovered and ΔCE (one full forward per dictionary)."""
     feature_tokens: int = 20_000
@@ -65,6 +65,9 @@ class DictionariesConfig:
     """A feature recurs in another dictionary when its max cosine there is at least this."""
     featured: int = 6
     """Most recurring features shown with dashboards in the report."""
+    index_ablate: int = 64
+    """Features per feature index whose top example gets ablated text in its dashboard and
+    the browser (the report's features get it for their top and uniform examples)."""
     max_back: int = 24
     """Earlier tokens deleted in turn by the ablated text."""
     seed: int = 0
@@ -89,9 +92,10 @@ class DictionariesConfig:
                     high=ABSURD)
         integer("--connect-features", self.connect_features, low=1, high=100_000)
         number("--connect-alpha", self.connect_alpha, low=0, low_open=True, high=MAX_COEF)
-        number("--recur-threshold", self.recur_threshold, low=-1, high=1)
+        number("--recur-threshold", self.recur_threshold, low=0, low_open=True, high=1)
         integer("--featured", self.featured, low=0, high=1000)
         integer("--max-back", self.max_back, low=1, high=ABSURD)
+        integer("--index-ablate", self.index_ablate, low=0, high=ABSURD)
         integer("--seed", self.seed, low=0, high=MAX_SEED - 1000)
 
     @property
@@ -145,16 +149,22 @@ def _spec(cfg: DictionariesConfig, site: str, width: int, sparsity, seed: int) -
     if width > MAX_WIDTH:
         raise BadValueError(f"--widths: a width of {width} latents is past the limit {MAX_WIDTH}")
     if cfg.arch == "relu":
-        return SAESpec(site, arch="relu", width=width, l1=float(sparsity), tag=_tag(cfg, sparsity, seed))
+        return SAESpec(site, arch="relu", width=width, k=1, l1=float(sparsity),  # k: unused
+                       tag=_tag(cfg, sparsity, seed))
     if sparsity > width:
         raise BadValueError(f"--k {sparsity} is larger than the narrowest dictionary ({width} latents)")
     return SAESpec(site, arch="topk", width=width, k=int(sparsity), tag=_tag(cfg, sparsity, seed))
 
 
-def middle(values: tuple):
-    """The grid's middle value (the lower middle of an even count): the connection dictionaries'."""
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2]
+def featured_width(widths: tuple[int, ...]) -> int:
+    """The upper-middle width (4x of 1..8x, the original's): the featured and connection
+    dictionaries'."""
+    return sorted(widths)[len(widths) // 2]
+
+
+def featured_sparsity(values: tuple):
+    """The middle sparsity (the lower middle of an even count)."""
+    return sorted(values)[(len(values) - 1) // 2]
 
 
 def grid_specs(cfg: DictionariesConfig, site: str, d_model: int,
@@ -167,7 +177,7 @@ def grid_specs(cfg: DictionariesConfig, site: str, d_model: int,
                 spec = _spec(cfg, site, mult * d_model, sparsity, cfg.seed + s)
                 specs.append(spec)
                 points.append(Point(spec.label, site, mult, sparsity, cfg.seed + s, "grid"))
-    mult, sparsity = middle(cfg.widths), middle(cfg.sparsities)
+    mult, sparsity = featured_width(cfg.widths), featured_sparsity(cfg.sparsities)
     for other in connect_sites:
         spec = _spec(cfg, other, mult * d_model, sparsity, cfg.seed)
         specs.append(spec)
