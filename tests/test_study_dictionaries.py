@@ -75,7 +75,7 @@ def test_connection_fit_recovers_a_planted_sparse_map():
             late[:, t] += w * early[:, e]
     late += 0.05 * rng.standard_normal(late.shape)
     fit = fit_connections(early, late, [0, 1, 2], alpha=0.01)
-    for i, (t, terms) in enumerate(planted.items()):
+    for i, terms in enumerate(planted.values()):
         support = {e for e, _ in terms}
         assert set(np.argsort(-np.abs(fit.coef[i]))[:len(support)].tolist()) == support
         assert np.sign(fit.coef[i][[e for e, _ in terms]]).tolist() == [np.sign(w) for _, w in terms]
