@@ -152,6 +152,20 @@ def _claims(cfg, feat, by_width: list[dict], acts: dict, ablation: dict) -> list
     return claims
 
 
+def _log(ax, which: str, base: float = 10, ticks=None) -> None:
+    """A log axis labelled with plain numbers (at `ticks` when given), no minor labels."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log", base=base)
+    fmt_ = ScalarFormatter()
+    fmt_.set_scientific(False)
+    axis.set_major_formatter(fmt_)
+    axis.set_minor_formatter(NullFormatter())
+    if ticks is not None:
+        axis.set_major_locator(FixedLocator(sorted(ticks)))
+
+
 def _sp(cfg) -> str:
     return "L1" if cfg.arch == "relu" else "k"
 
@@ -178,7 +192,7 @@ def make_figures(cfg, results: dict) -> dict[str, bytes]:
         if nx:
             ax.plot([e["width_mult"] for e in nx], [e["mcs_to_next"] for e in nx], "s--",
                     label=f"{name} {s:g}: to the next width")
-    ax.set_xscale("log", base=2)
+    _log(ax, "x", 2, [e["width_mult"] for e in bw])
     ax.set(title="MCS against width", xlabel="width (x d_model)", ylabel="MCS")
     ax.legend(fontsize=7, frameon=False)
     ax.grid(alpha=0.3)
@@ -191,7 +205,7 @@ def make_figures(cfg, results: dict) -> dict[str, bytes]:
         if es:
             ax.plot([e["width_mult"] for e in es], [e["seed_recurring"] for e in es], "o-",
                     label=f"{name} {s:g}")
-    ax.set_xscale("log", base=2)
+    _log(ax, "x", 2, [e["width_mult"] for e in bw])
     ax.set(title=f"Features found again by another seed (max cos >= {results['recur_threshold']:g})",
            xlabel="width (x d_model)", ylabel="recurring features")
     ax.legend(fontsize=7, frameon=False)
@@ -221,10 +235,8 @@ def make_figures(cfg, results: dict) -> dict[str, bytes]:
                 xs = sorted({r[axis] for r in rows if r[series] == v})
                 ys = [np.mean([r[key] for r in rows if r[series] == v and r[axis] == x]) for x in xs]
                 ax.plot(xs, ys, "o-", label=sfmt.format(v), markersize=4)
-            ax.set_xscale("log", base=2 if axis == "width_mult" else 10)
+            _log(ax, "x", 2 if axis == "width_mult" else 10, [r[axis] for r in rows])
             ax.set(title=title, xlabel=name if axis == "sparsity" else "width (x d_model)")
-            if key == "l0":
-                ax.set_yscale("log")
             ax.grid(alpha=0.3)
             if k == 0:
                 ax.legend(fontsize=6, frameon=False)
@@ -239,7 +251,7 @@ def make_figures(cfg, results: dict) -> dict[str, bytes]:
         front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["l0"])
         ax.plot([r["l0"] for r in front], [r[key] for r in front], "k--", linewidth=1,
                 label="Pareto front (L0, FVU)")
-        ax.set_xscale("log")
+        _log(ax, "x")
         ax.set(title=f"{title} against L0", xlabel="L0", ylabel=title)
         ax.grid(alpha=0.3)
         if k == 0:
