@@ -100,23 +100,29 @@ def test_high_norm_token_filter_removes_planted_rows():
 
     lm = tiny_lm("llama")
     W_U = lm.model.get_output_embeddings().weight
+    saved = W_U.detach().clone()
     high, low = [10, 40, 77], [55]
-    with torch.no_grad():
-        W_U[high] *= 30
-        W_U[low] *= 1e-4
     try:
+        with torch.no_grad():
+            W_U[high] *= 30
         # decoder rows pointing at the planted high-norm tokens would rank them first
         direction = W_U[high].detach().clone()
         lens = logit_lens(lm, direction, k=5)
-        assert lens.filter.reasons["high_norm"] == high
-        assert lens.filter.reasons["low_norm"] == low
-        assert not set(lens.top_ids.flatten().tolist()) & set(high + low)
+        n_tokens = len(lm.tokenizer)  # rows past it are padding, left out too
+        assert lens.filter.reasons.pop("padding") == list(range(n_tokens, len(W_U)))
+        assert lens.filter.reasons == {"high_norm": high}
+        assert not set(lens.top_ids.flatten().tolist()) & set(high)
         kept = logit_lens(lm, direction, k=5, z_max=1e9)  # no filter: they win
         assert kept.top_ids[:, 0].tolist() == high
+        with torch.no_grad():  # a never-trained row: near-zero norm
+            W_U.copy_(saved)
+            W_U[low] *= 1e-4
+        lens = logit_lens(lm, direction, k=5)
+        assert {k: v for k, v in lens.filter.reasons.items() if k != "padding"} == {"low_norm": low}
+        assert lens.filter.excluded[:n_tokens].nonzero().flatten().tolist() == low
     finally:
         with torch.no_grad():
-            W_U[high] /= 30
-            W_U[low] /= 1e-4
+            W_U.copy_(saved)
 
 
 # ------------------------------------------------------------------ small pieces

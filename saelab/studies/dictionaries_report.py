@@ -251,7 +251,6 @@ def make_figures(cfg, results: dict) -> dict[str, bytes]:
         front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["l0"])
         ax.plot([r["l0"] for r in front], [r[key] for r in front], "k--", linewidth=1,
                 label="Pareto front (L0, FVU)")
-        _log(ax, "x")
         ax.set(title=f"{title} against L0", xlabel="L0", ylabel=title)
         ax.grid(alpha=0.3)
         if k == 0:
