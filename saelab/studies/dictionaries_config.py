@@ -1,6 +1,6 @@
 """The dictionary study's settings, its grid, and the memory it needs.
 
-    cfg = DictionariesConfig(widths=(1, 2, 4, 8), l1=(1.0, 3.0), seeds=2, tokens=200_000)
+    cfg = DictionariesConfig(widths=(1, 2, 4, 8), l1=(0.1, 0.3), seeds=2, tokens=100_000)
     specs = grid_specs(cfg, "resid_post.2", d_model=576)   # one SAESpec per grid point
     check_memory(cfg, specs, widths, budget)               # SaelabError past the budget
 
@@ -34,7 +34,7 @@ class DictionariesConfig:
     """Dictionary sizes as multiples of the site's width."""
     arch: str = "relu"
     """relu (L1 penalty, as the original) or topk."""
-    l1: tuple[float, ...] = (1.0, 2.0, 4.0)
+    l1: tuple[float, ...] = (0.1, 0.3)
     """L1 coefficients (relu), on inputs scaled to unit mean squared norm."""
     k: tuple[int, ...] = (16, 32)
     """Active latents per token (topk)."""
@@ -42,9 +42,10 @@ class DictionariesConfig:
     """Initialisation seeds per (width, sparsity)."""
     context: int = 25
     """Tokens per context (the original's 25)."""
-    tokens: int = 200_000
+    tokens: int = 100_000
     """Training tokens; every dictionary sees every one."""
-    batch_size: int = 1024
+    batch_size: int = 256
+    """Tokens per optimizer step: small, so a CPU-length run still takes a few hundred steps."""
     lr: float = 1e-3
     """Adam learning rate of every dictionary (short CPU runs need more than the long-run 7e-5)."""
     corpus: str = "builtin"
