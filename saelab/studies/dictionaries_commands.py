@@ -1,6 +1,6 @@
 """`saelab study dictionaries`: dictionaries of several sizes on a small model, compared and read.
 
-    saelab study dictionaries --tokens 100000 --out runs/dictionaries
+    saelab study dictionaries --tokens 150000 --out runs/dictionaries
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def register(study_app: typer.Typer) -> None:
     @user_errors
     def dictionaries_cmd(
         out: Annotated[Path, typer.Option(help="Study folder (run.json, report.html, PNGs, train/, features/).")],
-        tokens: Annotated[int, typer.Option(help="Training tokens; every dictionary sees every one.")] = 100_000,
+        tokens: Annotated[int, typer.Option(help="Training tokens; every dictionary sees every one.")] = 150_000,
         model: Annotated[str, typer.Option("--model", "-m", help="Embedded name, HF id, folder or .gguf.")] = "smollm2-135m-instruct",
         site: Annotated[str, typer.Option(help="Site of the grid: an early residual site.")] = "resid_post.2",
         widths: Annotated[str, typer.Option(help="Widths as multiples of the site's width.")] = "1,2,4,8",
@@ -28,7 +28,7 @@ def register(study_app: typer.Typer) -> None:
         k: Annotated[str, typer.Option(help="Active latents per token (topk).")] = "16,32",
         seeds: Annotated[int, typer.Option(help="Initialisation seeds per width and sparsity.")] = 2,
         context: Annotated[int, typer.Option(help="Tokens per context.")] = 25,
-        batch_size: Annotated[int, typer.Option(help="Tokens per optimizer step.")] = 256,
+        batch_size: Annotated[int, typer.Option(help="Tokens per optimizer step.")] = 1024,
         lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
         corpus: Annotated[str, typer.Option(help="builtin, a .txt/.jsonl/.parquet file, hf:NAME")] = "builtin",
         connect: Annotated[bool, typer.Option("--connect/--no-connect", help="Train the next sites' dictionaries and fit connections.")] = True,
