@@ -240,3 +240,34 @@ def test_study_end_to_end_with_interruption_and_resume(tmp_path):
     again = run_dictionaries(lm, cfg, out, resume=True)
     assert again["results"]["grid"] == res["grid"]
     assert again["seconds"]["train"] == result["seconds"]["train"]
+
+
+def test_topk_grid_and_labels():
+    from saelab.studies.dictionaries_config import grid_specs
+
+    cfg = DictionariesConfig(arch="topk", widths=(1, 4), k=(8, 16), seeds=2)
+    specs, points = grid_specs(cfg, "resid_post.2", 64, ("resid_post.3", "mlp_out.3"))
+    assert len(specs) == 2 * 2 * 2 + 2 and len({s.label for s in specs}) == len(specs)
+    assert {(s.width, s.k) for s in specs[:8]} == {(64, 8), (64, 16), (256, 8), (256, 16)}
+    assert [p.role for p in points[-2:]] == ["connect", "connect"]
+    assert all(s.width == 256 and s.k == 8 for s in specs[-2:])  # featured width and k
+    with pytest.raises(BadValueError, match="--k"):
+        grid_specs(DictionariesConfig(arch="topk", widths=(1,), k=(100,)), "resid_post.2", 64)
+
+
+@pytest.mark.parametrize("args", [
+    ["--widths", "0,2"], ["--widths", "1,x"], ["--l1", "-0.1"], ["--l1", "0"], ["--arch", "gated"],
+])
+def test_cli_refuses_bad_lists_before_loading_anything(args, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import saelab.models.load
+    from saelab.cli import app
+
+    def reached(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(saelab.models.load, "load_model", reached)
+    result = CliRunner().invoke(app, ["study", "dictionaries", "--out", str(tmp_path / "d"), *args])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
