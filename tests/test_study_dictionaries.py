@@ -271,3 +271,15 @@ def test_cli_refuses_bad_lists_before_loading_anything(args, tmp_path, monkeypat
     result = CliRunner().invoke(app, ["study", "dictionaries", "--out", str(tmp_path / "d"), *args])
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+
+
+def test_spec_tag_names_and_seeds_grid_points_apart():
+    a = SAESpec("resid_post.2", arch="relu", width=64, k=1, l1=0.1, tag="l1_0.1.s0")
+    b = SAESpec("resid_post.2", arch="relu", width=64, k=1, l1=0.1, tag="l1_0.1.s1")
+    assert a.label == "resid_post.2-relu-64-l1_0.1.s0" and a.label != b.label
+    assert SAESpec("resid_post.2").label == "resid_post.2-batchtopk-4608-k32"  # no tag: unchanged
+    cfg = TrainConfig(saes=(a, b), tokens=256, batch_size=256)
+    wa, wb = (SAEObjective(s, 16, cfg, torch.float32, {}).sae.W_enc for s in (a, b))
+    assert not torch.equal(wa, wb)  # the tag seeds the initialisation
+    with pytest.raises(BadValueError, match="tag"):
+        SAESpec("resid_post.2", tag="../x")
