@@ -381,6 +381,7 @@ def _activations(lm, cfg, saes, points: list[Point], feat: Point, mcs, site: str
                                                  > abs(guess[e, t]) * fit.scale[e]).sum()) + 1})
         conns[p.site] = {"later": p.label, "targets": targets, "r2": fit.r2.tolist(),
                          "nonzero": (fit.coef != 0).sum(1).tolist(),
+                         "not_converged": fit.not_converged,
                          "strongest": strongest, "weights": compare_with_weights(fit, guess)}
     result["connections"] = {"earlier": feat.label, "alpha": cfg.connect_alpha, "pairs": conns}
     _write_json(path, result)

@@ -37,6 +37,7 @@ class ConnectionFit:
     intercept: np.ndarray  # (T,)
     r2: np.ndarray  # (T,) held-out R² (NaN when the held-out target is constant)
     scale: np.ndarray  # (F_early,) the standard deviations the features were divided by
+    not_converged: int = 0  # fits that stopped at max_iter (coordinate descent's gap above tol)
 
     def strongest(self, n: int = 20) -> list[tuple[int, int, float, float]]:
         """The `n` largest |coef| over all targets: (earlier, later, coef, that target's R²)."""
@@ -55,7 +56,10 @@ def fit_connections(early: np.ndarray, late: np.ndarray, targets: Sequence[int],
                     alpha: float = 0.01, max_iter: int = 2000) -> ConnectionFit:
     """Fit an L1 map from `early` (N, F_early) to each late[:, t] (N,) for t in `targets`;
     the first half of the rows trains, the second half scores (see the module docstring)."""
+    import warnings
+
     from scipy import sparse
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import Lasso
 
     early = np.asarray(early, dtype=np.float64)
@@ -69,10 +73,14 @@ def fit_connections(early: np.ndarray, late: np.ndarray, targets: Sequence[int],
     x = sparse.csc_matrix(early / scale)
     x_train, x_test = x[:half], x[half:]
     coefs, intercepts, r2 = [], [], []
+    not_converged = 0
     for t in targets:
         y = late[:, t]
         model = Lasso(alpha=alpha, max_iter=max_iter, tol=1e-4, selection="cyclic")
-        model.fit(x_train, y[:half])
+        with warnings.catch_warnings(record=True) as caught:  # counted, not printed per fit
+            warnings.simplefilter("always", ConvergenceWarning)
+            model.fit(x_train, y[:half])
+        not_converged += any(issubclass(w.category, ConvergenceWarning) for w in caught)
         pred = model.predict(x_test)
         resid = ((y[half:] - pred) ** 2).sum()
         total = ((y[half:] - y[half:].mean()) ** 2).sum()
@@ -80,7 +88,8 @@ def fit_connections(early: np.ndarray, late: np.ndarray, targets: Sequence[int],
         coefs.append(model.coef_.copy())
         intercepts.append(float(model.intercept_))
     return ConnectionFit(np.asarray(targets, dtype=np.int64), np.asarray(coefs).reshape(len(targets), -1),
-                         np.asarray(intercepts), np.asarray(r2, dtype=np.float64), scale)
+                         np.asarray(intercepts), np.asarray(r2, dtype=np.float64), scale,
+                         not_converged)
 
 
 def weight_guess(W_dec_early: np.ndarray, W_enc_late: np.ndarray) -> np.ndarray:

@@ -391,7 +391,8 @@ def render(result: dict, figs: Mapping[str, bytes], indexes: Mapping[str, Path],
         parts.append(paragraph(
             f"{len(pair['targets'])} later features fitted; held-out R² median "
             f"{np.median(r2) if r2 else float('nan'):.3f}, max {max(r2) if r2 else float('nan'):.3f}; "
-            f"non-zero connections per feature (median) {np.median(pair['nonzero']) if pair['nonzero'] else 0:.0f}. "
+            f"non-zero connections per feature (median) {np.median(pair['nonzero']) if pair['nonzero'] else 0:.0f}; "
+            f"fits stopped at the iteration limit: {pair.get('not_converged', 0)}. "
             f"Weight-based guess: the strongest fitted connection is in the guess's top "
             f"{w['top']} for {fmt(w['strongest_in_guess_top'], 3)} of the features; Spearman "
             f"{fmt(w['spearman_mean'], 3)}."))
