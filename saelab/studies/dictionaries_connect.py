@@ -1,17 +1,18 @@
 """Sparse linear connections between the features of two dictionaries at consecutive sites.
 
     fit = fit_connections(early_acts, late_acts, targets=[3, 17], alpha=0.01)
-    fit.coef[i]          # (F_early,) the L1 map onto later feature targets[i], per unit of
-                         # each earlier feature's standard deviation
+    fit.coef[i]          # (F_early,) the L1 map onto later feature targets[i], standardised:
+                         # later-feature standard deviations per earlier-feature one
     fit.r2[i]            # R² on the held-out half of the tokens
 
 Both feature sets are read on the same tokens. For each later feature an L1
 (Lasso, scikit-learn) linear regression from all earlier features is fitted on
-the first half of the tokens and scored on the second half. Earlier features
-are scaled to unit standard deviation (not centred, so a sparse matrix stays
-sparse; the intercept absorbs the means), so coefficients compare across
-features: a coefficient is the change of the later feature per standard
-deviation of the earlier one.
+the first half of the tokens and scored on the second half. Both sides are
+scaled to unit standard deviation on the training half (the earlier features
+are not centred, so a sparse matrix stays sparse; the intercept absorbs the
+means), so coefficients compare across features and sites and one penalty
+`alpha` suits them all: a coefficient is the later feature's change, in its
+standard deviations, per standard deviation of the earlier one.
 
 The weight-based guess is `W_dec(earlier) · W_enc(later)`: how much a unit of
 the earlier feature, written into the residual stream, adds to the later
@@ -33,7 +34,7 @@ class ConnectionFit:
     """The fitted maps for some later features."""
 
     targets: np.ndarray  # (T,) later feature ids
-    coef: np.ndarray  # (T, F_early) per standard deviation of each earlier feature
+    coef: np.ndarray  # (T, F_early) standardised (see the module docstring)
     intercept: np.ndarray  # (T,)
     r2: np.ndarray  # (T,) held-out R² (NaN when the held-out target is constant)
     scale: np.ndarray  # (F_early,) the standard deviations the features were divided by
@@ -75,7 +76,8 @@ def fit_connections(early: np.ndarray, late: np.ndarray, targets: Sequence[int],
     coefs, intercepts, r2 = [], [], []
     not_converged = 0
     for t in targets:
-        y = late[:, t]
+        sd = late[:half, t].std()
+        y = late[:, t] / (sd if sd > 0 else 1.0)
         model = Lasso(alpha=alpha, max_iter=max_iter, tol=1e-4, selection="cyclic")
         with warnings.catch_warnings(record=True) as caught:  # counted, not printed per fit
             warnings.simplefilter("always", ConvergenceWarning)

@@ -381,9 +381,10 @@ def render(result: dict, figs: Mapping[str, bytes], indexes: Mapping[str, Path],
     parts = [paragraph(f"An L1 (Lasso, alpha {conn['alpha']:g}) linear map from every feature of "
                        f"{conn['earlier']} to each of the most frequent features of the later "
                        "dictionary, on the same tokens (fitted on the first half, R² on the second). "
-                       "Coefficients are per standard deviation of the earlier feature. The guess is "
-                       "W_dec(earlier) · W_enc(later), scaled the same way; its rank is the earlier "
-                       "feature's place in the guess for that later feature.")]
+                       "Coefficients are standardised: the later feature's change in its standard "
+                       "deviations per standard deviation of the earlier feature. The guess is "
+                       "W_dec(earlier) · W_enc(later) times the earlier feature's standard deviation; "
+                       "its rank is the earlier feature's place in the guess for that later feature.")]
     for site, pair in conn["pairs"].items():
         r2 = [v for v in pair["r2"] if v is not None and v == v]
         w = pair["weights"]
