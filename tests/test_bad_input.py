@@ -28,7 +28,7 @@ VALUES = {"zero": "0", "negative": "-5", "nan": "nan", "absurd": "1000000000000"
 ALLOWED = {
     **{(cmd, "--seed", kind): "any seed >= 0 is a seed"
        for cmd in ("train", "eval", "features", "generate", "study lists", "study synthetic",
-                   "explain")
+                   "explain", "study dictionaries")
        for kind in ("zero", "absurd")},
     ("eval", "--bootstrap", "zero"): "0 replicates: no intervals (documented)",
     ("attribute", "--verify", "zero"): "0: no verification (the default)",
@@ -47,6 +47,8 @@ ALLOWED = {
     ("generate", "--strength", "negative"): "a negative strength steers away",
     ("generate", "--temperature", "zero"): "0 is greedy decoding (documented)",
     ("study synthetic", "--plateau-n", "zero"): "0: skip the plateau experiment (documented)",
+    ("study dictionaries", "--featured", "zero"): "0: no feature cards in the report",
+    ("study dictionaries", "--index-ablate", "zero"): "0: no ablated text in the indexes",
 }
 
 # The least each command needs besides the option under test (nothing here is read:
@@ -66,6 +68,7 @@ REQUIRED = {
     "study lists": ["--out", "{tmp}/lists"],
     "study synthetic": ["--out", "{tmp}/syn"],
     "scope export": ["{tmp}/scope", "--neuronpedia", "{tmp}/np"],
+    "study dictionaries": ["--out", "{tmp}/dict"],
 }
 
 

@@ -10,7 +10,7 @@ import typer
 from saelab.console import JsonFlag, console, emit_json, user_errors
 
 study_app = typer.Typer(help="End-to-end studies: lists (when does a list end), synthetic "
-                             "(are SAE-built activations realistic).", no_args_is_help=True)
+                             "(are SAE-built activations realistic), dictionaries (several sizes on a small model).", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
 
 
 # One module per study, each with `register(study_app)`; a study adds itself here.
-_STUDY_COMMANDS: list[str] = ["saelab.studies.lists_commands", "saelab.studies.synthetic_commands"]
+_STUDY_COMMANDS: list[str] = ["saelab.studies.lists_commands", "saelab.studies.synthetic_commands",
+                               "saelab.studies.dictionaries_commands"]
 
 
 @user_errors

@@ -49,6 +49,10 @@ class SAESpec:
     """A transcoder's target site (`mlp_out.12` for input `mlp_in.12`); None: an SAE of `site`."""
     skip: bool = False
     """Transcoders: learn an affine skip ``x @ W_skip.T`` besides the features."""
+    tag: str = ""
+    """Suffix of the label, so SAEs of one site, arch and width (other L1 coefficients or
+    initialisation seeds, as in a study's grid) can train from one stream; it also seeds
+    their initialisation (through the label)."""
 
     def __post_init__(self):
         choice("arch", self.arch, ARCHS)
@@ -74,13 +78,17 @@ class SAESpec:
         except (ValueError, TypeError) as err:
             raise BadValueError(f"groups: {err}") from None
         number("target_l0", self.target_l0, low=0, high=self.width)
+        if not isinstance(self.tag, str) or not all(c.isalnum() or c in "._" for c in self.tag):
+            raise BadValueError(f"tag={self.tag!r}: use letters, digits, '.' and '_' only "
+                                "(it becomes part of a folder name)")
 
     @property
     def label(self) -> str:
         kind = "" if self.target is None else ("skiptc-" if self.skip else "tc-")
         return f"{self.site}-{kind}{self.arch}-{self.width}" + (
             f"-k{self.k}" if self.arch in TOPK_ARCHS else "") + (
-            f"-l0{self.target_l0:g}" if self.arch == "jumprelu" and self.target_l0 else "")
+            f"-l0{self.target_l0:g}" if self.arch == "jumprelu" and self.target_l0 else "") + (
+            f"-{self.tag}" if self.tag else "")
 
     @property
     def matryoshka_widths(self) -> list[int] | None:
