@@ -141,3 +141,32 @@ def test_a_family_without_mlp_sites_is_refused():
     cfg = ScopeConfig(kind="transcoder", sites=("mlp",), widths=(64,), l0s=(4,))
     with pytest.raises(SiteError, match="this nomlp model has no MLP sites"):
         plan_saes(cfg, arch)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_replaced_forwards_from_the_layer_equal_whole_forwards(family, monkeypatch):
+    """evaluate_transcoders runs each replaced forward from its block on; the numbers are
+    those of whole-model forwards."""
+    import contextlib
+
+    from saelab.evals.run import EvalConfig
+    from saelab.evals.transcoders import evaluate_transcoders
+    from saelab.sae.testing import random_transcoder
+    from saelab.scope import tail
+
+    lm = tiny_lm(family)
+    d = lm.arch.d_model
+    tcs = {L: random_transcoder("relu", d_in=d, d_sae=2 * d, skip=True, layer=L, seed=L,
+                                model_name=lm.name) for L in (1, lm.arch.n_layers - 1)}
+    cfg = EvalConfig(tokens=128, context=32, batch_size=4, bootstrap=20)
+    fast = evaluate_transcoders(lm, tcs, cfg)
+    monkeypatch.setattr(tail, "skipping_blocks", lambda *a: contextlib.nullcontext())
+    whole = evaluate_transcoders(lm, tcs, cfg)
+    for L in ("1", str(lm.arch.n_layers - 1)):
+        for name in ("delta_ce", "kl", "fvu"):
+            assert fast["layers"][L]["metrics"][name]["value"] == pytest.approx(
+                whole["layers"][L]["metrics"][name]["value"], rel=1e-6, abs=1e-9)
+    for name in ("delta_ce", "kl"):
+        assert fast["all_layers"]["metrics"][name]["value"] == pytest.approx(
+            whole["all_layers"]["metrics"][name]["value"], rel=1e-6, abs=1e-9)
+        assert fast["all_layers"]["metrics"][name]["value"] != 0
