@@ -170,3 +170,20 @@ def test_replaced_forwards_from_the_layer_equal_whole_forwards(family, monkeypat
         assert fast["all_layers"]["metrics"][name]["value"] == pytest.approx(
             whole["all_layers"]["metrics"][name]["value"], rel=1e-6, abs=1e-9)
         assert fast["all_layers"]["metrics"][name]["value"] != 0
+
+
+def test_some_layers_only_keep_their_layer_numbers(model_dir, tmp_path):
+    """A circuit-tracer list says layer i is entry i: a set of layer 1 alone has no list, and
+    reads back as layer 1 (refused as a full set: a replacement model needs layer 0)."""
+    from saelab.sae.transcoder import TranscoderSetError
+
+    args = [a if a != "all" else "1" for a in SMALL] + ["--feature-tokens", "0", "--no-skip"]
+    res = _scope(model_dir, tmp_path / "s", args=args)
+    assert res.exit_code == 0, res.output
+    assert "transcoders:" not in (tmp_path / "s" / "circuit_tracer" / "config.yaml").read_text()
+    assert load_transcoders(tmp_path / "s" / "circuit_tracer", complete=False).layers == [1]
+    with pytest.raises(TranscoderSetError, match="no transcoder for layer"):
+        load_transcoders(tmp_path / "s" / "circuit_tracer")
+    (entry,) = read_scope(tmp_path / "s").entries
+    assert entry.layer == 1 and entry.features is None and not load_sae(
+        tmp_path / "s" / entry.native).cfg.skip
