@@ -1,6 +1,9 @@
 """`saelab scope --kind transcoder` end to end on a tiny random model (2 layers, skip transcoders)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,18 +175,31 @@ def test_replaced_forwards_from_the_layer_equal_whole_forwards(family, monkeypat
         assert fast["all_layers"]["metrics"][name]["value"] != 0
 
 
-def test_some_layers_only_keep_their_layer_numbers(model_dir, tmp_path):
-    """A circuit-tracer list says layer i is entry i: a set of layer 1 alone has no list, and
+def test_some_layers_only_keep_their_layer_numbers_and_resume_after_a_kill(model_dir, tmp_path):
+    """Killed after the layout stage, the scope resumes without training again. A
+    circuit-tracer list says layer i is entry i: a set of layer 1 alone has no list, and
     reads back as layer 1 (refused as a full set: a replacement model needs layer 0)."""
     from saelab.sae.transcoder import TranscoderSetError
 
+    out = tmp_path / "s"
     args = [a if a != "all" else "1" for a in SMALL] + ["--feature-tokens", "0", "--no-skip"]
-    res = _scope(model_dir, tmp_path / "s", args=args)
+    env = {**os.environ, "SAELAB_FAULT": "scope-layout:1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, "-m", "saelab", "scope", "--model", str(model_dir),
+                             "--out", str(out), *args], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == 137, killed.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["done"] == ["train", "eval", "layout"]
+    res = _scope(model_dir, out, "--resume", args=args)
     assert res.exit_code == 0, res.output
-    assert "transcoders:" not in (tmp_path / "s" / "circuit_tracer" / "config.yaml").read_text()
-    assert load_transcoders(tmp_path / "s" / "circuit_tracer", complete=False).layers == [1]
+    scope = read_scope(out)
+    assert scope.stages["train"] == record["stages"]["train"]  # not trained again
+    assert "transcoders:" not in (out / "circuit_tracer" / "config.yaml").read_text()
+    assert load_transcoders(out / "circuit_tracer", complete=False).layers == [1]
     with pytest.raises(TranscoderSetError, match="no transcoder for layer"):
-        load_transcoders(tmp_path / "s" / "circuit_tracer")
-    (entry,) = read_scope(tmp_path / "s").entries
-    assert entry.layer == 1 and entry.features is None and not load_sae(
-        tmp_path / "s" / entry.native).cfg.skip
+        load_transcoders(out / "circuit_tracer")
+    (entry,) = scope.entries
+    assert entry.layer == 1 and entry.status == "ok" and entry.features is None
+    assert not load_sae(out / entry.native).cfg.skip
