@@ -124,6 +124,7 @@ def test_resume_finishes_and_refuses_other_settings(built, model_dir):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--sites", "resid_post"], "--kind transcoder trains at the MLPs"),
     (["--kind", "crosscoder"], "kind"),
+    (["--memory-budget", "100KB"], "needs"),  # counted with the target's width too
 ])
 def test_bad_input(model_dir, tmp_path, extra, message):
     res = _scope(model_dir, tmp_path / "s", *extra)
