@@ -8,7 +8,9 @@ Per batch of contexts:
 
     clean    one forward capturing mlp_in.L and mlp_out.L of every layer, and the logits
     layer L  the MLP of layer L replaced by its transcoder (decode + skip), alone: its
-             prediction from the clean mlp_in.L is exact, since nothing upstream changed
+             prediction from the clean mlp_in.L is exact, since nothing upstream changed;
+             so this forward starts at block L from the clean forward's input of that
+             block (`scope.tail.skipping_blocks`, as a scope's SAE evaluation does)
     all      every MLP of the set replaced at once, in one forward (later transcoders
              read what earlier ones changed: `interventions.splice.replace_mlps`)
 
@@ -59,12 +61,25 @@ DEFINITIONS = {
 
 @torch.inference_mode()
 def _batch(lm, tcs: Mapping[int, Any], ids, special, downstream: bool, all_at_once: bool):
+    from saelab.scope.tail import block_list, skipping_blocks
+
     model = lm.model
     ids, special = ids.to(lm.device), special.to(lm.device)
     reads = {L: tc.site or f"mlp_in.{L}" for L, tc in tcs.items()}  # mlp_in.L as a rule
+    starts = [f"resid_pre.{L}" for L in tcs] if downstream else []  # each block's clean input
     sites = list(dict.fromkeys(s for L in tcs for s in (reads[L], f"mlp_out.{L}")))
-    with capture(model, sites, arch=lm.arch, stop_early=not downstream) as cap:
-        cap.run(input_ids=ids)
+    shape: dict[str, bool] = {}
+
+    def seen(_m: Any, _a: Any, output: Any) -> None:  # returns None: the output is kept
+        shape.setdefault("tuple", isinstance(output, tuple))
+
+    hook = block_list(lm)[0].register_forward_hook(seen)
+    try:
+        with capture(model, list(dict.fromkeys(sites + starts)), arch=lm.arch,
+                     stop_early=not downstream) as cap:
+            cap.run(input_ids=ids)
+    finally:
+        hook.remove()
     preds = {}
     for L, tc in tcs.items():
         out = tc(cap[reads[L]])
@@ -79,8 +94,9 @@ def _batch(lm, tcs: Mapping[int, Any], ids, special, downstream: bool, all_at_on
     columns["n_pred"] = pred.sum(1)
     columns["ce_clean"] = (next_token_ce(clean_logp, ids) * pred).sum(1)
 
-    def score(name: str, layers: Mapping[int, Any]) -> None:
-        with replace_mlps(lm, layers, where=keep):
+    def score(name: str, layers: Mapping[int, Any], start: int = 0) -> None:
+        with skipping_blocks(lm, start, cap[f"resid_pre.{start}"], shape.get("tuple", False)), \
+                replace_mlps(lm, layers, where=keep):
             logits = model(input_ids=ids, use_cache=False).logits
         logp = next_token_logp(logits)
         del logits
@@ -89,9 +105,9 @@ def _batch(lm, tcs: Mapping[int, Any], ids, special, downstream: bool, all_at_on
         columns[f"kl_{name}"] = (kl.double() * pred).sum(1)
 
     for L, tc in tcs.items():
-        score(str(L), {L: tc})
+        score(str(L), {L: tc}, start=L)
     if all_at_once and len(tcs) > 1:
-        score("all", tcs)
+        score("all", tcs, start=min(tcs))
     return preds, {k: v.cpu() for k, v in columns.items()}
 
 

@@ -23,10 +23,14 @@ def resolve_config(model: str, d_model: int, *, preset: str | None, sites: str |
                    layers: str | None, widths: str | None, l0: str | None, arch: str | None,
                    tokens: int | None, eval_tokens: int | None, feature_tokens: int | None,
                    batch_size: int | None, corpus: str | None, context: int | None,
-                   seed: int | None):
-    """The ScopeConfig: the preset's settings (if any), then every option given."""
+                   seed: int | None, kind: str = "sae", skip: bool = False):
+    """The ScopeConfig: the preset's settings (if any), then every option given.
+
+    kind "transcoder": one transcoder per layer at the MLP; --sites may only say mlp.
+    """
     from saelab.errors import SaelabError
     from saelab.scope.plan import (
+        TRANSCODER_SITES,
         ScopeConfig,
         parse_layers,
         parse_list,
@@ -39,6 +43,11 @@ def resolve_config(model: str, d_model: int, *, preset: str | None, sites: str |
         s["widths"] = (2 * d_model,)
     if sites is not None:
         s["sites"] = parse_list(sites, "sites") or ()
+    if kind == "transcoder":
+        s["sites"] = s["sites"] if sites is not None else TRANSCODER_SITES
+        s["kind"], s["skip"] = kind, skip
+    elif kind != "sae" or skip:  # ScopeConfig names the mistake
+        s["kind"], s["skip"] = kind, skip
     if layers is not None:
         s["layers"] = parse_layers(layers)
     if widths is not None:
@@ -82,6 +91,8 @@ def scope(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     memory_budget: Annotated[str | None, typer.Option(help="Bytes the SAEs in training may use (e.g. 2GB); more train in successive passes.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted scope in --out (same settings).")] = False,
+    kind: Annotated[str, typer.Option(help="sae, or transcoder: one transcoder per layer reading mlp_in.L and predicting mlp_out.L (--sites mlp).")] = "sae",
+    skip: Annotated[bool, typer.Option(help="Transcoders: also learn an affine skip x @ W_skip.T (skip transcoders).")] = False,
     json: JsonFlag = False,
 ) -> None:
     """Train, evaluate and index SAEs at every layer of the given site kinds.
@@ -90,7 +101,9 @@ def scope(
     pass (spliced forwards start at the SAE's block); dashboards are collected in
     one pass. The folder holds Gemma Scope's `<kind>/layer_L/width_W/average_l0_N/
     params.npz`, the SAELens folders under native/, scope.json + scope.parquet and
-    report.html.
+    report.html. With --kind transcoder: one transcoder per layer (mlp_in.L ->
+    mlp_out.L), Gemma Scope 2's transcoder files under transcoder/, and a
+    circuit-tracer set under circuit_tracer/ (`load_transcoders`, `saelab graph`).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -110,7 +123,7 @@ def scope(
     cfg = resolve_config(model, lm.arch.d_model, preset=preset, sites=sites, layers=layers,
                          widths=widths, l0=l0, arch=arch, tokens=tokens, eval_tokens=eval_tokens,
                          feature_tokens=feature_tokens, batch_size=batch_size, corpus=corpus,
-                         context=context, seed=seed)
+                         context=context, seed=seed, kind=kind, skip=skip)
     from saelab.console import progress
 
     with progress() as bar:
@@ -131,7 +144,8 @@ def scope(
     if result.already_finished:
         console.print(f"the scope in {out} had already finished; nothing was changed.")
     times = ", ".join(f"{k} {v:,.0f} s" for k, v in result.stages.items())
-    console.print(f"{len(result.scope.entries)} SAEs in {out} ({times}); index {out}/scope.json, "
+    what = "transcoders" if result.scope.kind == "transcoder" else "SAEs"
+    console.print(f"{len(result.scope.entries)} {what} in {out} ({times}); index {out}/scope.json, "
                   f"report {out}/report.html")
 
 

@@ -138,8 +138,11 @@ def entry_status(directory: Path, entry: ScopeEntry) -> str:
     if entry.params is not None:
         import zipfile
 
-        npz = directory / entry.params
-        if npz.exists() and not zipfile.is_zipfile(npz):
+        params = directory / entry.params
+        if params.suffix == ".safetensors":  # a transcoder scope's Gemma Scope 2 file
+            if params.exists() and not _safetensors_readable(params):
+                return "corrupt"
+        elif params.exists() and not zipfile.is_zipfile(params):
             return "corrupt"
     return "ok"
 

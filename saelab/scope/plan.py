@@ -17,6 +17,9 @@ from saelab.checks import ABSURD, MAX_SEED, choice, integer, number
 from saelab.errors import BadValueError, SaelabError, SiteError
 
 ARCHS = ("jumprelu", "topk", "batchtopk")
+KINDS = ("sae", "transcoder")
+# A transcoder scope has one site kind: the MLP, read at mlp_in.L and predicted at mlp_out.L.
+TRANSCODER_SITES = ("mlp",)
 SCOPE_KINDS = ("resid_post", "attn_out", "mlp_out")  # Gemma Scope's three, the default
 # jumprelu's λ of the target-L0 loss: on unit-mean-squared-norm inputs the reconstruction
 # loss is ~0.1-1, so λ = 1 weighs an L0 twice the target like a poor reconstruction.
@@ -60,9 +63,20 @@ class ScopeConfig:
     buffer_tokens: int = 16_384
     checkpoint_every: int = 100_000
     bootstrap: int = 1000
+    kind: str = "sae"
+    """sae, or transcoder: one transcoder per layer, mlp_in.L -> mlp_out.L (sites ("mlp",))."""
+    skip: bool = False
+    """Transcoders: learn an affine skip as well (skip transcoders)."""
 
     def __post_init__(self) -> None:
         choice("arch", self.arch, ARCHS)
+        choice("kind", self.kind, KINDS)
+        if self.kind == "transcoder" and tuple(self.sites) != TRANSCODER_SITES:
+            raise BadValueError(f"--kind transcoder trains at the MLPs (mlp_in.L -> mlp_out.L), "
+                                f"not at {', '.join(self.sites)}: give --sites mlp or leave "
+                                "--sites out.")
+        if self.skip and self.kind != "transcoder":
+            raise BadValueError("--skip is for transcoders (--kind transcoder): an SAE has no skip.")
         if not self.sites:
             raise BadValueError("--sites is empty: give site kinds such as resid_post,mlp_out.")
         if not self.widths or not self.l0s:
@@ -85,7 +99,12 @@ class ScopeConfig:
             number("lr", self.lr, low=0, low_open=True, high=1)
 
     def to_json(self) -> dict[str, Any]:
-        return json_ready(dataclasses.asdict(self))
+        d = dataclasses.asdict(self)
+        # kind and skip only when not an SAE scope's: SAE scopes built before they existed
+        # keep resuming with the same settings
+        if d["kind"] == "sae":
+            d.pop("kind"), d.pop("skip")
+        return json_ready(d)
 
 
 def json_ready(obj: Any) -> Any:
@@ -167,7 +186,10 @@ def plan_saes(cfg: ScopeConfig, arch: Any) -> list[PlannedSAE]:
     from saelab.train.config import SAESpec
 
     kinds = scope_kinds(arch)
-    for kind in cfg.sites:
+    if cfg.kind == "transcoder" and not {"mlp_in", "mlp_out"} <= set(kinds):
+        raise SiteError(f"this {arch.family} model has no MLP sites (mlp_in, mlp_out) to train "
+                        f"transcoders at; it has: {', '.join(kinds)}. Build an SAE scope instead.")
+    for kind in cfg.sites if cfg.kind == "sae" else ():
         if kind not in kinds:
             raise SiteError(f"site kind {kind!r} is not one this {arch.family} model has for a "
                             f"scope; it has: {', '.join(kinds)}.")
@@ -178,6 +200,8 @@ def plan_saes(cfg: ScopeConfig, arch: Any) -> list[PlannedSAE]:
                             f"layers, 0..{arch.n_layers - 1}.")
     if len(set(layers)) != len(layers):
         raise BadValueError(f"--layers lists a layer twice: {layers}")
+    if cfg.kind == "transcoder":
+        return _plan_transcoders(cfg, sorted(layers))
     out = []
     for layer in sorted(layers):
         for kind in cfg.sites:
@@ -190,6 +214,25 @@ def plan_saes(cfg: ScopeConfig, arch: Any) -> list[PlannedSAE]:
                     else:
                         spec = SAESpec(f"{kind}.{layer}", arch=cfg.arch, width=width, k=target)
                     out.append(PlannedSAE(kind, layer, width, target, spec))
+    return out
+
+
+def _plan_transcoders(cfg: ScopeConfig, layers: list[int]) -> list[PlannedSAE]:
+    """One transcoder per (layer, width, target): reads mlp_in.L, predicts mlp_out.L; its
+    site kind in the index is mlp_in (the site its features read)."""
+    from saelab.train.config import SAESpec
+
+    out = []
+    for layer in layers:
+        io = {"site": f"mlp_in.{layer}", "target": f"mlp_out.{layer}", "skip": cfg.skip}
+        for width in cfg.widths:
+            for target in cfg.l0s:
+                if cfg.arch == "jumprelu":
+                    spec = SAESpec(**io, arch="jumprelu", width=width, k=min(32, width),
+                                   l0_coef=TARGET_L0_COEF, target_l0=float(target))
+                else:
+                    spec = SAESpec(**io, arch=cfg.arch, width=width, k=target)
+                out.append(PlannedSAE("mlp_in", layer, width, target, spec))
     return out
 
 

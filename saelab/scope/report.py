@@ -20,7 +20,8 @@ from saelab.scope.layout import METRICS, Scope
 REPORT = "report.html"
 _LABELS = {"l0": "L0 (mean active latents)", "fvu": "FVU", "delta_ce": "ΔCE (nats)",
            "loss_recovered": "loss recovered", "kl": "KL(clean ‖ spliced), nats",
-           "dead_frac": "dead fraction", "dense_frac": "dense fraction"}
+           "dead_frac": "dead fraction", "dense_frac": "dense fraction",
+           "delta_ce_all": "ΔCE, every MLP replaced (nats)"}
 
 
 def _series(scope: Scope) -> dict[tuple[str, int, float], list]:
@@ -103,21 +104,24 @@ def render_report(scope: Scope) -> str:
                     + ", ".join(f"{k} {v:,.1f} GFLOP/s" for k, v in rates.items())
                     + f"; device {scope.machine.get('device', '?')}, "
                     f"{scope.machine.get('threads', '?')} threads.")))
+    # the metrics the scope has (a transcoder scope: no loss_recovered; ΔCE of all at once)
+    shown = [m for m in (*METRICS, "delta_ce_all") if any(m in e.metrics for e in scope.entries)]
     if ok:
         parts.append(h.section("Metrics against depth", h.figures(
-            *(h.image(metric_vs_depth(view, m), m) for m in METRICS))))
+            *(h.image(metric_vs_depth(view, m), m) for m in shown if m != "delta_ce_all"))))
         kinds = list(dict.fromkeys(e.site_kind for e in ok))
         parts.append(h.section("L0–ΔCE trade-off per layer", h.figures(
             *(h.image(tradeoff(view, k), f"{k} trade-off") for k in kinds))))
     rows = [[e.id, e.site, e.arch, e.width, f"{e.target_l0:g}",
-             *(h.fmt(e.metrics.get(m)) for m in METRICS), e.status] for e in scope.entries]
-    parts.append(h.section("SAEs", h.table(rows, ["id", "site", "arch", "width", "target L0",
-                                                  *METRICS, "status"])))
+             *(h.fmt(e.metrics.get(m)) for m in shown), e.status] for e in scope.entries]
+    what = "Transcoders" if scope.kind == "transcoder" else "SAEs"
+    parts.append(h.section(what, h.table(rows, ["id", "site", "arch", "width", "target L0",
+                                                *shown, "status"])))
     if bad:
         parts.append(h.notes([f"{e.id}: {e.status}" for e in bad]))
     parts.append(h.section("Settings", h.key_values({k: str(v) for k, v in scope.settings.items()})))
     return h.page(f"Scope of {scope.model}", h.Markup("".join(parts)),
-                  subtitle=f"{len(scope.entries)} SAEs, {scope.n_layers} layers, "
+                  subtitle=f"{len(scope.entries)} {what.lower()}, {scope.n_layers} layers, "
                            f"d_model {scope.d_model}")
 
 

@@ -133,7 +133,7 @@ def build_scope(cfg: ScopeConfig, out: str | Path, *, device: str = "cpu",
         from saelab.models.sites import site_width
         from saelab.precision import resolve_dtype
 
-        widths = {p.site: site_width(lm.arch, p.site) for p in planned}
+        widths = {s: site_width(lm.arch, s) for p in planned for s in p.spec.sites}
         plan_groups(tcfg, list(tcfg.saes), widths, budget, resolve_dtype(tcfg.dtype, dev),
                     2, tcfg.batch_size)
     if record["done"] == list(STAGES):
@@ -145,7 +145,11 @@ def build_scope(cfg: ScopeConfig, out: str | Path, *, device: str = "cpu",
                              "matmul_gflops": matmul_gflops(dev, dtypes)}
     _save_record(out, record)
     progress = on_progress or (lambda *_: None)
-    ctx = _Context(cfg, out, lm, fast_lm, planned, record, dev, budget, progress)
+    if cfg.kind == "transcoder":
+        from saelab.scope.transcoders import TranscoderContext as context_class
+    else:
+        context_class = _Context
+    ctx = context_class(cfg, out, lm, fast_lm, planned, record, dev, budget, progress)
     for stage in STAGES:
         if stage in record["done"]:
             continue
@@ -186,7 +190,12 @@ def _train_config(cfg: ScopeConfig, planned: list[PlannedSAE]):
 
 
 class _Context:
-    """The stages of one build, sharing the model, the plan and the run record."""
+    """The stages of one build, sharing the model, the plan and the run record.
+
+    Transcoder scopes override eval, layout and the index hooks (saelab/scope/transcoders.py).
+    """
+
+    kind = "sae"
 
     def __init__(self, cfg: ScopeConfig, out: Path, lm: Any, fast_lm: Any,
                  planned: list[PlannedSAE], record: dict, device: torch.device,
@@ -272,12 +281,25 @@ class _Context:
         L0s round alike get their target appended (`average_l0_32_target_64`)."""
         results, ids, seen = self._evals(), {}, set()
         for p in self.planned:
-            sid = scope_id(p.site_kind, p.layer, p.width, results[p.label]["metrics"]["l0"]["value"])
+            sid = self._scope_id(p, results[p.label]["metrics"]["l0"]["value"])
             if sid in seen:
                 sid = f"{sid}_target_{p.target_l0}"
             seen.add(sid)
             ids[p.label] = sid
         return ids
+
+    @staticmethod
+    def _scope_id(p: PlannedSAE, l0: float) -> str:
+        return scope_id(p.site_kind, p.layer, p.width, l0)
+
+    @staticmethod
+    def _params(sid: str) -> str:
+        """The Gemma Scope file of the SAE in folder `sid`, relative to DIR."""
+        return f"{sid}/params.npz"
+
+    @staticmethod
+    def _index_metrics(result: dict) -> dict[str, float]:
+        return index_metrics(result)
 
     def write_index(self) -> None:
         """scope.json + scope.parquet from what exists so far (entries once laid out)."""
@@ -289,18 +311,18 @@ class _Context:
                 r = results[p.label]
                 l0 = r["metrics"]["l0"]["value"]
                 sid = ids[p.label]
-                has_npz = (self.out / sid / "params.npz").is_file()
+                params = self._params(sid)
                 feats = f"features/{p.label}"
                 entries.append(ScopeEntry(
                     id=sid, site=p.site, site_kind=p.site_kind, layer=p.layer, width=p.width,
                     arch=self.cfg.arch, target_l0=p.target_l0, average_l0=l0,
-                    params=f"{sid}/params.npz" if has_npz else None,
+                    params=params if params and (self.out / params).is_file() else None,
                     native=f"native/{p.label}",
                     features=feats if (self.out / feats / "index.json").is_file() else None,
-                    metrics=index_metrics(r)))
+                    metrics=self._index_metrics(r)))
         arch = self.lm.arch
         scope = Scope(model=self.cfg.model, model_hash=self.lm.source_hash, d_model=arch.d_model,
-                      n_layers=arch.n_layers, kind="sae", settings=self.record["settings"],
+                      n_layers=arch.n_layers, kind=self.kind, settings=self.record["settings"],
                       stages=dict(self.record["stages"]), machine=self.record["machine"],
                       entries=entries)
         write_scope(self.out, scope)

@@ -180,8 +180,10 @@ def write_set(tset: Mapping[int, Transcoder], folder: Path) -> Path:
         "model_kind": "transcoder_set",
         "feature_input_hook": "mlp.hook_in" if "mlp_in" in ins else "hook_resid_mid",
         "feature_output_hook": "hook_mlp_out",
-        "transcoders": [f"layer_{L}.safetensors" for L in sorted(tcs)],
     }
+    if sorted(tcs) == list(range(len(tcs))):  # entry i is layer i: only a set from layer 0 on
+        conf["transcoders"] = [f"layer_{L}.safetensors" for L in sorted(tcs)]
+    # else (some layers only) no list: readers take each layer from its file's name
     if arch == "topk":
         conf["activation"], conf["k"] = "topk", next(iter(tcs.values())).cfg.k
     with atomic_files(folder) as tmp:
