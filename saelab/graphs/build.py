@@ -128,6 +128,7 @@ def build_graph(model: nn.Module, tokenizer: Any, ids: Tensor, transcoders: Mapp
                   targets=[{"label": t.label, "vocab_idx": t.vocab_idx, "weight": t.weight,
                             "pos": t.pos, "value": float(v)} for t, v in zip(targets, tv, strict=True)],
                   adjacency=adjacency, row_value=value, row_sum_all=store.sum[order].clone())
+    graph.live["targets"] = targets
     replacement, completeness = graph.scores()
     graph.stats = {"active_features": N, "selected_features": len(selected), "targets": n_t,
                    "backward_passes": engine.passes, "rows_per_pass": engine.batch,

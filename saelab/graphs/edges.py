@@ -68,14 +68,15 @@ class EdgeEngine:
 
     # ------------------------------------------------------------------ targets' values
     def _feature_values(self, idx: Tensor) -> Tensor:
-        """(n,) pre-activations (without b_enc) of features `idx`, in the graph."""
+        """(n,) pre-activations (without b_enc) of features `idx`, in the graph: one gather."""
         f = self.feats
-        out = []
-        for k in idx.tolist():
-            layer, pos, i = int(f.layer[k]), int(f.pos[k]), int(f.index[k])
-            w = self.tcs[layer].W_enc.detach()[:, i].to(self.dtype)
-            out.append(self.tape.reads[layer][0, pos] @ w)
-        return torch.stack(out)
+        layers = torch.unique(f.layer[idx])
+        slot = torch.full((self.L,), -1, dtype=torch.long)
+        slot[layers] = torch.arange(len(layers))
+        x = torch.stack([self.tape.reads[int(layer)][0] for layer in layers])  # (l, T, d)
+        enc = torch.stack([self.tcs[int(f.layer[k])].W_enc.detach()[:, int(f.index[k])]
+                           for k in idx.tolist()]).to(self.dtype)  # (n, d)
+        return (x[slot[f.layer[idx]], f.pos[idx]] * enc).sum(-1)
 
     def _target_values(self, targets: list[Target]) -> Tensor:
         final = self.tape.final[0]
@@ -108,7 +109,7 @@ class EdgeEngine:
         grads = torch.autograd.grad(y, leaves, grad_outputs=eye, is_grads_batched=True,
                                     retain_graph=True, allow_unused=True)
         self.passes += 1
-        T, d = self.T, self.d
+        T = self.T
         zeros = torch.zeros(n, T, dtype=self.row_dtype)
         g_embed = grads[0]
         g_out = {layer: grads[1 + layer] for layer in range(self.L)}
@@ -120,19 +121,33 @@ class EdgeEngine:
         return self._feature_cols(g_out, n), torch.cat(dense, 1)
 
     def _feature_cols(self, g_out: dict[int, Tensor | None], n: int) -> Tensor:
+        """act * (g[pos] . decoder row) for every active feature, as (n, N).
+
+        Per source layer the features are grouped by position and padded to the largest
+        group, so one batched matmul over positions does it: (T, n, d) @ (T, d, c)."""
         f = self.feats
         cols = torch.zeros(n, len(f), dtype=self.row_dtype)
+        T, d = self.T, self.d
         for src in torch.unique(f.layer).tolist():
             where = (f.layer == src).nonzero()[:, 0]
+            pos = f.pos[where]
+            order = torch.argsort(pos, stable=True)
+            where, pos = where[order], pos[order]
+            counts = torch.bincount(pos, minlength=T)
+            starts = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(len(where)) - starts[pos]
             for out_layer in self.writes.out_layers(src):
                 g = g_out.get(out_layer)
                 if g is None:
                     continue
-                g = g[:, 0]  # (n, T, d)
-                step = max(1, _CHUNK_ELEMS // max(1, n * self.d))
-                for s in range(0, len(where), step):
-                    w = where[s:s + step]
-                    rows = self.writes.rows(out_layer, src, f.index[w]).to(g.dtype)  # (m, d)
-                    dots = torch.einsum("nmd,md->nm", g[:, f.pos[w]], rows)
-                    cols[:, w] += (dots * f.act[w].to(g.dtype)).to(self.row_dtype)
+                g = g[:, 0].transpose(0, 1)  # (T, n, d)
+                rows = self.writes.rows(out_layer, src, f.index[where]).to(g.dtype)
+                c = int(counts.max())
+                step = max(1, _CHUNK_ELEMS // max(1, T * d))  # slots per matmul
+                for s0 in range(0, c, step):
+                    part = (slot >= s0) & (slot < s0 + step)
+                    w_pad = torch.zeros(T, min(step, c - s0), d, dtype=g.dtype)
+                    w_pad[pos[part], slot[part] - s0] = rows[part] * f.act[where[part]].to(g.dtype)[:, None]
+                    out = torch.bmm(g, w_pad.transpose(1, 2))  # (T, n, c)
+                    cols[:, where[part]] += out[pos[part], :, slot[part] - s0].T.to(self.row_dtype)
         return cols

@@ -1,6 +1,6 @@
 """An attribution graph as saelab keeps it: JSON + safetensors, plain (layer, index) ids.
 
-    graph.save("out/")       # out/graph.json (everything small) + out/graph.safetensors (tensors)
+    graph.save("out/")       # out/record.json (everything small) + out/record.safetensors (tensors)
     graph = Graph.load("out/")
 
 Nodes in order: the selected features, the error nodes (``layer * T + pos``),
@@ -46,6 +46,8 @@ class Graph:
     row_sum_all: Tensor
     settings: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    live: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Objects of the run that built it (the targets' directions); not saved."""
 
     @property
     def n_pos(self) -> int:
@@ -90,28 +92,28 @@ class Graph:
                    "feat_layer": f.layer.long(), "feat_pos": f.pos.long(),
                    "feat_index": f.index.long(), "feat_act": f.act.double(),
                    "tokens": torch.tensor(self.tokens, dtype=torch.long)}
-        tmp = folder / "graph.safetensors.tmp"
+        tmp = folder / "record.safetensors.tmp"
         save_file(tensors, str(tmp))
-        tmp.replace(folder / "graph.safetensors")
+        tmp.replace(folder / "record.safetensors")
         meta = {"format": FORMAT, "prompt": self.prompt, "tokens": self.tokens,
                 "token_texts": self.token_texts, "n_layers": self.n_layers,
                 "targets": self.targets, "settings": self.settings, "stats": self.stats,
                 "features": [{"layer": int(a), "index": int(b), "pos": int(c), "act": float(d)}
                              for a, b, c, d in zip(f.layer, f.index, f.pos, f.act, strict=True)]}
-        atomic_write_text(folder / "graph.json", json.dumps(meta, indent=1))
+        atomic_write_text(folder / "record.json", json.dumps(meta, indent=1))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> Graph:
         folder = Path(folder)
         try:
-            meta = json.loads((folder / "graph.json").read_text())
-            t = load_file(str(folder / "graph.safetensors"))
+            meta = json.loads((folder / "record.json").read_text())
+            t = load_file(str(folder / "record.safetensors"))
         except (OSError, ValueError) as err:
             raise CorruptFileError(f"{folder}: not a readable saelab graph ({err}); write it "
                                    "again with saelab graph --out.") from None
         if meta.get("format") != FORMAT or any(k not in t for k in _TENSORS):
-            raise CorruptFileError(f"{folder}: graph.json/graph.safetensors are not a "
+            raise CorruptFileError(f"{folder}: record.json/record.safetensors are not a "
                                    f"{FORMAT} record; write it again with saelab graph --out.")
         feats = ActiveFeatures(t["feat_layer"], t["feat_pos"], t["feat_index"], t["feat_act"])
         return cls(meta["prompt"], meta["tokens"], meta["token_texts"], meta["n_layers"], feats,
