@@ -125,7 +125,8 @@ def build_graph(model: nn.Module, tokenizer: Any, ids: Tensor, transcoders: Mapp
     texts = [tokenizer.decode([t]) if tokenizer is not None else str(t) for t in ids[0].tolist()]
     graph = Graph(prompt="", tokens=ids[0].tolist(), token_texts=texts, n_layers=arch.n_layers,
                   features=sel,
-                  targets=[{"label": t.label, "vocab_idx": t.vocab_idx, "weight": t.weight,
+                  targets=[{"label": t.label, "kind": "metric" if metric is not None else "token",
+                            "vocab_idx": t.vocab_idx, "weight": t.weight,
                             "pos": t.pos, "value": float(v)} for t, v in zip(targets, tv, strict=True)],
                   adjacency=adjacency, row_value=value, row_sum_all=store.sum[order].clone())
     graph.live["targets"] = targets

@@ -84,7 +84,8 @@ def node_dicts(graph: Graph, pruned: Pruned) -> dict[int, dict]:
         out[node] = _node(f"{layer}_{t['vocab_idx']}_{t['pos']}", t["vocab_idx"], layer, t["pos"],
                           "logit", f"L_{t['vocab_idx']}-{t['pos']}", token_prob=t["weight"],
                           is_target_logit=k == 0,
-                          clerp=f'Output "{t["label"]}" (p={t["weight"]:.3f})')
+                          clerp=(f'Metric {t["label"]}' if t.get("kind") == "metric"
+                                 else f'Output "{t["label"]}" (p={t["weight"]:.3f})'))
     return out
 
 
