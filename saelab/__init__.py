@@ -44,12 +44,17 @@ _EXPORTS = {
     "load_sae": "saelab.sae.formats",
     "save_sae": "saelab.sae.formats",
     "SAE": "saelab.sae.base",
+    "load_transcoders": "saelab.sae.transcoder",
+    "save_transcoders": "saelab.sae.transcoder",
+    "Transcoder": "saelab.sae.transcoder",
+    "TranscoderSet": "saelab.sae.transcoder",
     # evaluation
     "evaluate": "saelab.evals.run",
     "EvalConfig": "saelab.evals.run",
     "compare": "saelab.evals.dictionaries",
     # interventions
     "splice": "saelab.interventions.splice",
+    "replace_mlps": "saelab.interventions.splice",
     "generate": "saelab.interventions.generate",
     "FeatureEdit": "saelab.interventions.edits",
     "SteerEdit": "saelab.interventions.edits",

@@ -386,7 +386,11 @@ def test_dictionary_learning_without_a_label_gets_no_site(tmp_path: Path) -> Non
 # ---- files that are not SAEs at one site --------------------------------------------------------
 
 
-def test_gemma_scope_2_transcoders_refused(tmp_path: Path) -> None:
+def test_gemma_scope_2_transcoders_load_as_transcoders(tmp_path: Path) -> None:
+    """Transcoders load as transcoders (saelab/sae/transcoder.py), never as SAEs: code that
+    needs an SAE refuses them, naming what they are. Cross-layer ones are refused."""
+    from saelab.sae.transcoder import Transcoder
+
     hook_in = "model.layers.1.pre_feedforward_layernorm.output"
     hook_out = "model.layers.1.post_feedforward_layernorm.output"
     plain = gemma_scope_2_file(tmp_path / "transcoder" / "layer_1_width_16k_l0_small", 32,
@@ -395,35 +399,46 @@ def test_gemma_scope_2_transcoders_refused(tmp_path: Path) -> None:
         tmp_path / "transcoder_all" / "layer_1_width_16k_l0_small_affine", 32,
         gemma_scope_2_config("gemma-3-270m", hook_in, hook_out, type="transcoder", affine_connection=True),
         affine_skip_connection=torch.zeros(32, 32))
-    bare = gemma_scope_2_file(tmp_path / "clt" / "layer_1_width_16k_l0_small", 32, None)
-    for folder in (plain, skip, bare):
-        with pytest.raises(SaelabError) as err:
-            load_sae(folder)
-        msg = str(err.value)
-        assert f"transcoder reading {hook_in} and writing {hook_out}" in msg, msg
-        assert "not yet supported" in msg
     # An SAE whose hook points differ but whose type says nothing is still a transcoder.
     odd = gemma_scope_2_file(tmp_path / "odd" / "layer_1", 32,
                              {"hf_hook_point_in": hook_in, "hf_hook_point_out": hook_out})
-    with pytest.raises(SaelabError, match="transcoder reading"):
-        load_sae(odd)
+    for folder in (plain, skip, odd):
+        tc = load_sae(folder)
+        assert isinstance(tc, Transcoder) and (tc.site, tc.site_out) == ("mlp_in.1", "mlp_out.1")
+        with pytest.raises(SaelabError, match="is a transcoder .*not an SAE"):
+            load_sae(folder, expect="sae")
+        with pytest.raises(SaelabError, match="is a transcoder"):
+            bind_saes(describe(tiny_model("gemma3")), {"mlp_in.1": tc})
+    bare = gemma_scope_2_file(tmp_path / "clt" / "layer_1_width_16k_l0_small", 32, None)
+    with pytest.raises(SaelabError) as err:
+        load_sae(bare)
+    assert f"transcoder reading {hook_in} and writing {hook_out}" in str(err.value)
 
 
-def test_gemma_scope_1_transcoders_refused(tmp_path: Path) -> None:
+def test_gemma_scope_1_transcoders_load_as_transcoders(tmp_path: Path) -> None:
+    from saelab.sae.transcoder import Transcoder
+
     folder = gemma_scope_1_file(
         tmp_path / "gemma-scope-2b-pt-transcoders" / "layer_3" / "width_16k" / "average_l0_54", 32)
-    with pytest.raises(SaelabError) as err:
-        load_sae(folder)
-    msg = str(err.value)
-    assert "transcoder reading blocks.3.ln2.hook_normalized" in msg
-    assert "writing blocks.3.hook_mlp_out" in msg and "not yet supported" in msg
+    tc = load_sae(folder)
+    assert isinstance(tc, Transcoder) and (tc.site, tc.site_out) == ("mlp_in.3", "mlp_out.3")
+    with pytest.raises(SaelabError, match="is a transcoder"):
+        load_sae(folder, expect="sae")
 
 
-def test_sparsify_transcoders_refused(tmp_path: Path) -> None:
+def test_sparsify_transcoders_load_as_transcoders(tmp_path: Path) -> None:
+    from saelab.sae.transcoder import Transcoder
+
+    # The module's output is mlp_out only where the family says so (Gemma adds a post-norm).
     folder = sparsify_file(tmp_path / "run", "layers.2.mlp", 32, transcode=True)
-    with pytest.raises(SaelabError, match="transcoder reading the input of layers.2.mlp and writing "
-                                          "the output of layers.2.mlp"):
-        load_sae(folder)
+    tc = load_sae(folder)
+    assert isinstance(tc, Transcoder) and (tc.site, tc.site_out) == ("mlp_in.2", "layers.2.mlp:out")
+    folder = sparsify_file(tmp_path / "llama", "layers.2.mlp", 32, "HuggingFaceTB/SmolLM2-135M",
+                           transcode=True)
+    tc = load_sae(folder)
+    assert (tc.site, tc.site_out) == ("mlp_in.2", "mlp_out.2")
+    with pytest.raises(SaelabError, match="is a transcoder"):
+        load_sae(folder, expect="sae")
 
 
 def test_one_head_sae_refused(tmp_path: Path) -> None:

@@ -123,3 +123,16 @@ def test_set_round_trip_and_refusals(tmp_path):
     (tmp_path / "set" / "layer_1" / "sae_weights.safetensors").unlink()
     with pytest.raises(TranscoderSetError, match="no transcoder for layer\\(s\\) 1"):
         load_transcoders(tmp_path / "set")
+
+
+def test_sae_info_names_a_transcoder(tmp_path):
+    from saelab.sae.info import format_info, sae_info
+
+    save_sae(random_transcoder("jumprelu", d_in=12, d_out=10, skip=True, layer=3), tmp_path / "tc")
+    info = sae_info(tmp_path / "tc")
+    assert (info["kind"], info["d_out"], info["site_out"], info["skip"]) == (
+        "transcoder", 10, "mlp_out.3", True)
+    text = format_info(info)
+    assert "skip transcoder" in text and "d_out=10" in text and "writes        mlp_out.3" in text
+    save_sae(random_sae("relu"), tmp_path / "sae")
+    assert sae_info(tmp_path / "sae")["kind"] == "sae"

@@ -87,3 +87,73 @@ def test_sae_and_transcoder_share_one_stream(tmp_path, lm, corpus):
     tc = load_sae(res.sae_dirs[specs[1].label])
     assert not isinstance(sae, Transcoder) and isinstance(tc, Transcoder)
     assert specs[1].label == "mlp_in.1-tc-topk-32-k4"
+
+
+def _cli(monkeypatch, lm, args):
+    from typer.testing import CliRunner
+
+    import saelab.models.limits as limits
+    import saelab.models.load as load
+    from saelab.cli import app
+
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: lm)
+    monkeypatch.setattr(limits, "config_max_positions", lambda *a, **k: None)
+    return CliRunner().invoke(app, ["train", *args])
+
+
+def test_cli_trains_transcoders_of_every_mlp(tmp_path, lm, corpus, monkeypatch):
+    r = _cli(monkeypatch, lm, ["--kind", "transcoder", "--sites", "mlp.*", "--skip",
+                               "--arch", "topk", "--width", "32", "--k", "4", "--tokens", "1024",
+                               "--batch-size", "256", "--buffer-tokens", "1024", "--context", "32",
+                               "--corpus", corpus, "--out", str(tmp_path / "run"), "--json"])
+    assert r.exit_code == 0, r.output
+    tset = load_transcoders(tmp_path / "run")
+    assert tset.layers == list(range(lm.arch.n_layers)) and tset[0].cfg.skip
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kind", "transcoder", "--sites", "resid_post.1"], "a single site"),
+    (["--sites", "resid_post.1", "--skip"], "--skip is for transcoders"),
+    (["--kind", "crosscoder"], "--kind"),
+    (["--kind", "transcoder", "--sites", "mlp_in.1>mlp_in.1"], "another site than it reads"),
+])
+def test_cli_bad_transcoder_requests(tmp_path, lm, monkeypatch, args, message):
+    r = _cli(monkeypatch, lm, [*args, "--tokens", "1024", "--batch-size", "256",
+                               "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resumed_transcoder_run_equals_an_uninterrupted_one_and_a_cache_equals_streaming(
+        tmp_path, lm, corpus):
+    """Checkpoints hold W_skip, the target scale and the paired buffers; a cache of both
+    sites gives the same transcoders as streaming."""
+    from saelab.data.harvest import HarvestConfig, harvest
+
+    specs = [SAESpec("mlp_in.1", "topk", 32, k=4, target="mlp_out.1", skip=True),
+             SAESpec("mlp_in.0", "relu", 32, target="mlp_out.0", l1=1e-3)]
+    cfg = TrainConfig(**{**_config(specs, tokens=16 * 256).__dict__, "checkpoint_every": 5 * 256})
+
+    def stop(done, total, info):
+        if done >= 8 * 256:
+            raise _Stop
+
+    train(cfg, Stream(lm, corpus, context=32), tmp_path / "whole")
+    with pytest.raises(_Stop):
+        train(cfg, Stream(lm, corpus, context=32), tmp_path / "parts", on_progress=stop)
+    train(cfg, Stream(lm, corpus, context=32), tmp_path / "parts", resume=True)
+    hc = HarvestConfig(sites="mlp_in.0,mlp_out.0,mlp_in.1,mlp_out.1", corpus=corpus, tokens=8000,
+                       context=32, batch_size=4)
+    harvest(lm, hc, tmp_path / "cache")
+    train(cfg, tmp_path / "cache", tmp_path / "cached")
+    for spec in specs:
+        a = load_sae(tmp_path / "whole" / spec.label)
+        for other in ("parts", "cached"):
+            b = load_sae(tmp_path / other / spec.label)
+            for name, t in a.tensors().items():
+                torch.testing.assert_close(b.tensors()[name], t, rtol=0, atol=0,
+                                           msg=f"{other} {spec.label} {name}")

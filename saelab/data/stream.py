@@ -15,7 +15,9 @@ refilled with the next rows and the buffer permuted again. A batch thus mixes
 rows of about `capacity / context` contexts. The buffer's permutations come
 from a generator seeded by (seed, site), and a site's rows never depend on
 the other sites, so a site trains on the same batches whichever sites share
-its pass (site groups give the same SAEs as one big group).
+its pass (site groups give the same SAEs as one big group). A transcoder's input and
+target sites share one buffer (key ``input>target``, rows joined on the last dimension),
+so its pairs stay aligned through the filtering and the shuffle.
 
 `BatchStream.state()` is what a checkpoint needs to rebuild the stream: the
 source position (contexts consumed) and each buffer's rows, pending rows and

@@ -43,12 +43,17 @@ def run_eval(sae: str | os.PathLike, *, model: str | None = None, out: str | os.
     from saelab.models.limits import check_positions, config_max_positions
     from saelab.models.load import load_model
     from saelab.sae import load_sae
+    from saelab.sae.formats.transcoder_sets import load_any
 
     try:
         config = EvalConfig(**settings)
     except ValueError as err:
         raise SaelabError(str(err)) from None
-    sae_obj = load_sae(sae, dtype="float32").to(device)
+    loaded = load_any(Path(sae), dtype="float32")
+    if isinstance(loaded, dict):  # one transcoder or a set: evals/transcoders.py
+        return _run_transcoder_eval(sae, loaded, config, model=model, out=out, device=device,
+                                    on_progress=on_progress)
+    sae_obj = loaded.to(device) if loaded is not None else load_sae(sae, dtype="float32").to(device)
     model = model or sae_obj.cfg.model_name or DEFAULT_MODEL
     check_positions("--context", config.context, config_max_positions(model), model)
     notes = mismatch_notes(sae_obj.cfg, config.site, model)
@@ -59,6 +64,26 @@ def run_eval(sae: str | os.PathLike, *, model: str | None = None, out: str | os.
     out = Path(out) if out is not None else sae_folder(sae) / "eval"
     result = evaluate(lm, sae_obj, config, out=out, on_progress=on_progress, sae_path=str(sae),
                       on_sensitivity=on_sensitivity, notes=notes)
+    result["out"] = str(out)
+    return result
+
+
+def _run_transcoder_eval(path, tcs: dict, config, *, model: str | None, out, device: str,
+                         on_progress) -> dict:
+    from saelab.evals.transcoders import evaluate_transcoders
+    from saelab.models.limits import check_positions, config_max_positions
+    from saelab.models.load import load_model
+
+    if config.site is not None or config.keep_error or config.mean_ablation or config.sensitivity:
+        raise SaelabError("--site, --mean-ablation and --sensitivity are for SAEs; a transcoder "
+                          "is evaluated at its MLP (mlp_in.L -> mlp_out.L)")
+    first = next(iter(tcs.values()))
+    model = model or first.cfg.model_name or DEFAULT_MODEL
+    check_positions("--context", config.context, config_max_positions(model), model)
+    lm = load_model(model, dtype="float32", device=device)
+    out = Path(out) if out is not None else sae_folder(path) / "eval"
+    result = evaluate_transcoders(lm, {L: tc.to(device) for L, tc in tcs.items()}, config,
+                                  out=out, on_progress=on_progress)
     result["out"] = str(out)
     return result
 
@@ -127,7 +152,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     @user_errors
     def eval_cmd(
-        sae: Annotated[Path, typer.Argument(help="SAE folder (any format saelab reads).")],
+        sae: Annotated[Path, typer.Argument(help="SAE folder (any format saelab reads), or transcoders: one, a folder of them, a circuit-tracer set.")],
         model: Annotated[str | None, typer.Option("--model", "-m", help="Model; default the SAE's recorded model.")] = None,
         tokens: Annotated[int, typer.Option(help="Token positions to evaluate (about 70/s on 2 CPU cores for a 135M model: 3 forwards each).")] = 10_000,
         corpus: Annotated[str, typer.Option(help="builtin, a .txt/.jsonl/.parquet file, hf:NAME")] = "builtin",
@@ -145,7 +170,12 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
         json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
     ) -> None:
-        """Evaluate an SAE: L0, FVU, cosine, shrinkage, dead/dense, ΔCE, loss recovered, KL."""
+        """Evaluate an SAE: L0, FVU, cosine, shrinkage, dead/dense, ΔCE, loss recovered, KL.
+
+        Given a transcoder (or a folder of per-layer transcoders, or a circuit-tracer
+        set): FVU of mlp_out, L0, dead fraction per layer, and ΔCE with each transcoder
+        replacing its MLP alone and with all of them at once.
+        """
         from saelab.checks import ABSURD, integer
 
         integer("--sensitivity-n", sensitivity_n, low=2, high=ABSURD)  # checked even when off
@@ -183,6 +213,8 @@ def register(app: typer.Typer) -> None:
                 bar.stop()
         if json:
             return emit_json(result)
+        if result.get("kind") == "transcoders":
+            return _print_transcoders(result)
         table = Table("metric", "value", "95% CI", title=f"{result['sae']['architecture']} SAE at "
                       f"{result['sae']['site']}: {result['data']['tokens_evaluated']:,} tokens")
         for key in ("l0", "fvu", "explained_variance", "cosine", "relative_reconstruction_bias",
@@ -229,6 +261,35 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         for note in result["notes"]:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+def _print_transcoders(result: dict) -> None:
+    from rich.table import Table
+
+    from saelab.console import console
+
+    def cell(m: dict | None) -> str:
+        if not m:
+            return ""
+        ci = m.get("ci95")
+        return _fmt(m["value"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+    table = Table("layer", "L0", "FVU of mlp_out", "ΔCE (this MLP replaced)", "dead",
+                  title=f"transcoders: {result['data']['tokens_evaluated']:,} tokens")
+    for layer, row in result["layers"].items():
+        m = row["metrics"]
+        table.add_row(layer, _fmt(m["l0"]["value"]), cell(m["fvu"]), cell(m.get("delta_ce")),
+                      _fmt(row["dead_fraction"]))
+    console.print(table)
+    if result.get("ce_clean"):
+        console.print(f"CE clean {_fmt(result['ce_clean']['value'])} nats", highlight=False)
+    if result.get("all_layers"):
+        m = result["all_layers"]["metrics"]
+        console.print(f"all {len(result['all_layers']['layers'])} MLPs replaced at once: ΔCE "
+                      f"{cell(m['delta_ce'])}, KL {cell(m['kl'])}", highlight=False)
+    for note in result["notes"]:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"wrote {result['out']}/eval.json")
 
 
 def _fmt(value: float | None) -> str:

@@ -17,6 +17,8 @@ At a spliced site the activation ``x`` becomes::
     x_out  = decode(f')                     without it
 
 so with the error kept an edit changes the site by exactly ``decode(f') - decode(f)``.
+Splicing refuses transcoders (they read one site and write another): `replace_mlps`
+puts transcoders in place of MLPs instead.
 The sum is evaluated as ``x + (decode(f') - decode(f))``, which is bit-exactly x
 wherever nothing is edited.
 `detach_error` keeps the forward value but stops gradients through the error
@@ -81,8 +83,11 @@ def bind_saes(arch: Architecture, saes: SAEs) -> dict[str, Any]:
         items = [(None, saes)]
     else:
         items = [(None, sae) for sae in saes]
+    from saelab.sae.transcoder import require_sae
+
     bound: dict[str, Any] = {}
     for key, sae in items:
+        require_sae(sae, f"the SAE for {key or sae.cfg.site or 'its site'}")
         name = key if key is not None else sae.cfg.site
         if name is None:
             raise SiteError(f"the SAE ({sae.cfg.architecture}, d_in={sae.cfg.d_in}, "
@@ -255,3 +260,81 @@ def splice(lm_or_model: Any, saes: SAEs, *, keep_error: bool = True, detach_erro
     """
     return Splice(lm_or_model, saes, keep_error=keep_error, detach_error=detach_error, edits=edits,
                   record=record, record_grad=record_grad, frame=frame, arch=arch)
+
+
+class ReplaceMLPs:
+    """Context manager: each MLP of `transcoders` ({layer: Transcoder}) replaced by its
+    transcoder, in the same forward: ``mlp_out.L <- tc(mlp_in.L)`` (decode + skip; the
+    input is the transcoder's own site, mlp_in.L as a rule), where the input is this
+    forward's own (so with several layers replaced, later transcoders
+    read what the earlier ones changed).
+
+    `where` (B, P) bool: replace only there (the other positions keep the real MLP's
+    output); None: everywhere. With `keep_error` the real output minus the prediction
+    is added back (the model is unchanged: a check). After each forward `feats[layer]`
+    (B, P, d_sae) and `outputs[layer]` (B, P, d_model) hold what each transcoder computed
+    when `record`.
+    """
+
+    def __init__(self, lm_or_model: Any, transcoders: Mapping[int, Any], *,
+                 where: Tensor | None = None, keep_error: bool = False, record: bool = False,
+                 arch: Architecture | None = None):
+        from saelab.sae.transcoder import require_transcoder
+
+        self.model, self.arch = unwrap(lm_or_model, arch)
+        self.tcs: dict[int, Any] = {}
+        self._in_sites: dict[int, str] = {}  # what each transcoder reads (mlp_in.L as a rule)
+        for layer, tc in transcoders.items():
+            require_transcoder(tc, f"the transcoder for layer {layer}")
+            site_in, site_out = tc.site or f"mlp_in.{layer}", f"mlp_out.{layer}"
+            for site, width in ((site_in, tc.cfg.d_in), (site_out, tc.cfg.d_out)):
+                _check_width(self.arch, one_site(self.arch, site, "a transcoder's site"), width,
+                             f"the transcoder of layer {layer} has width")
+            self.tcs[int(layer)] = tc
+            self._in_sites[int(layer)] = one_site(self.arch, site_in, "a transcoder's site")
+        self.where, self.keep_error, self.record = where, keep_error, record
+        self.feats: dict[int, Tensor] = {}
+        self.outputs: dict[int, Tensor] = {}
+        self._inputs: dict[int, Tensor] = {}
+        self._patch: Any = None
+
+    def __enter__(self) -> ReplaceMLPs:
+        fns = {}
+        for layer in self.tcs:
+            fns[self._in_sites[layer]] = self._stash(layer)
+            fns[f"mlp_out.{layer}"] = self._replace(layer)
+        self._patch = patch(self.model, fns, arch=self.arch)
+        self._patch.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._patch.__exit__(*exc)
+        self._inputs.clear()
+
+    def _stash(self, layer: int):
+        def fn(x: Tensor, ctx: PatchContext) -> None:
+            self._inputs[layer] = x
+        return fn
+
+    def _replace(self, layer: int):
+        tc = self.tcs[layer]
+
+        def fn(y: Tensor, ctx: PatchContext) -> Tensor:
+            out = tc(self._inputs.pop(layer))
+            pred = out.output.to(y.dtype)
+            if self.record:
+                self.feats[layer], self.outputs[layer] = out.feats, pred
+            if self.keep_error:
+                pred = pred + (y - pred)
+            if self.where is None:
+                return pred
+            return torch.where(self.where.to(y.device)[..., None], pred, y)
+        return fn
+
+
+def replace_mlps(lm_or_model: Any, transcoders: Mapping[int, Any], *, where: Tensor | None = None,
+                 keep_error: bool = False, record: bool = False,
+                 arch: Architecture | None = None) -> ReplaceMLPs:
+    """Context manager running the model with MLPs replaced by transcoders (see `ReplaceMLPs`)."""
+    return ReplaceMLPs(lm_or_model, transcoders, where=where, keep_error=keep_error,
+                       record=record, arch=arch)

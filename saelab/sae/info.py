@@ -51,7 +51,8 @@ def sae_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "l0_label": meta.get("l0_label"),
         "n_params": n_params(sae),
         "metadata": meta,
-    }
+    } | ({"kind": "transcoder", "d_out": c.d_out, "skip": c.skip, "site_out": c.site_out}
+         if getattr(c, "d_out", None) is not None else {"kind": "sae"})
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -79,6 +80,11 @@ def format_info(info: dict[str, Any]) -> str:
         ("model", info["model_name"] or "unknown"),
         ("L0", l0),
     ]
+    if info.get("kind") == "transcoder":  # reads `site`, predicts `site_out`
+        rows[0:0] = [("kind", "skip transcoder" if info["skip"] else "transcoder")]
+        rows[4] = ("widths", f"d_in={info['d_in']} -> d_sae={info['d_sae']} -> d_out="
+                   f"{info['d_out']} ({info['n_params']:,} parameters, {info['dtype']})")
+        rows.insert(7, ("writes", info["site_out"] or "unknown"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

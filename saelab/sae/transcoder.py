@@ -294,19 +294,20 @@ def require_transcoder(obj: Any, source: str = "the file") -> Transcoder:
 class TranscoderSet(Mapping[int, Transcoder]):
     """Per-layer transcoders of one model: ``layer -> Transcoder``, layers 0..n-1 with none missing.
 
-    Raises TranscoderSetError (at construction) for a layer missing between the first
-    and last, two transcoders on one layer, mixed d_in / d_out, or mixed model names.
+    Raises TranscoderSetError (at construction) for a layer missing from 0 to the last
+    (unless `complete=False`: some layers only, for evaluation), mixed d_in / d_out, or
+    mixed model names.
     """
 
     def __init__(self, transcoders: Mapping[int, Transcoder], *, model_name: str | None = None,
-                 source: str = "the transcoder set"):
+                 source: str = "the transcoder set", complete: bool = True):
         if not transcoders:
             raise TranscoderSetError(f"{source}: holds no transcoder")
         self.source = source
         self._by_layer = dict(sorted(transcoders.items()))
         layers = list(self._by_layer)
         missing = sorted(set(range(layers[-1] + 1)) - set(layers))
-        if missing:
+        if missing and complete:
             raise TranscoderSetError(
                 f"{source}: no transcoder for layer(s) {', '.join(map(str, missing))} (it has "
                 f"{_ranges(layers)}); a replacement model needs every MLP from layer 0. "
@@ -393,18 +394,20 @@ def _ranges(layers: list[int]) -> str:
 
 
 def load_transcoders(path: str | os.PathLike[str], *, dtype: str | None = None,
-                     model_name: str | None = None) -> TranscoderSet:
+                     model_name: str | None = None, complete: bool = True) -> TranscoderSet:
     """The transcoder set at `path`.
 
     `path` is a circuit-tracer set (``config.yaml`` + ``layer_i.safetensors``), a
     folder of transcoder folders (any format `load_sae` reads; a training run's
     ``saes/train``), or one transcoder folder (a set of one layer). Each layer is read
     from its input site. Raises WrongKindError when a file holds an SAE,
-    TranscoderSetError for a layer missing, two of one layer or mixed widths.
+    TranscoderSetError for a layer missing (unless `complete=False`), two of one layer
+    or mixed widths.
     """
     from saelab.sae.formats import transcoder_sets
 
-    return transcoder_sets.load(Path(path), dtype=dtype, model_name=model_name)
+    return transcoder_sets.load(Path(path), dtype=dtype, model_name=model_name,
+                                complete=complete)
 
 
 def save_transcoders(tset: TranscoderSet | Mapping[int, Transcoder],

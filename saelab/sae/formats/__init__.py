@@ -11,8 +11,10 @@ Detection, for a folder (a file path means its folder; first rule that matches):
 A folder holding only pickle-based weights (.pt/.pth/.pkl/.bin/.ckpt) is refused
 (UnsafeFileError); a folder holding several SAEs lists them. The activation a
 file names is mapped to the site holding exactly that tensor, or the file is
-refused (UnmappableNameError: transcoders, one-head SAEs, names no site holds);
-see `names`.
+refused (UnmappableNameError: one-head SAEs, names no site holds; see `names`).
+Transcoder folders (SAELens Transcoder / SkipTranscoder, Gemma Scope 2 and sparsify
+transcoders) load as `saelab.sae.transcoder.Transcoder`; sets of them (and circuit-tracer
+sets) with `saelab.sae.transcoder.load_transcoders`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from saelab.sae.formats.names import UnmappableNameError
 
 FORMATS = ("saelens", "gemma-scope", "gemma-scope-2", "sparsify", "dictionary-learning")
 WRITABLE = ("saelens", "gemma-scope", "gemma-scope-2", "sparsify")
-TRANSCODER_WRITABLE = ("saelens",)
+TRANSCODER_WRITABLE = ("saelens", "gemma-scope-2", "sparsify")
 _ALIASES = {
     "native": "saelens",
     "sae-lens": "saelens",
@@ -173,7 +175,12 @@ def save_sae(
         raise refuse_format(fmt)
 
     def write(tmp: Path) -> None:
-        if fmt == "saelens":
+        if isinstance(sae, Transcoder) and fmt != "saelens":
+            if fmt == "gemma-scope-2":
+                gemma_scope.write_v2_transcoder(sae, tmp)
+            else:
+                sparsify.write_transcoder(sae, tmp)
+        elif fmt == "saelens":
             native.write(sae, tmp, log_sparsity=log_sparsity)
         elif fmt == "gemma-scope":
             gemma_scope.write_v1(sae, tmp)

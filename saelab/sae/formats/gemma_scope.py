@@ -16,9 +16,12 @@ Sites. v1: the repository says it (``-res`` resid_post, ``-mlp`` mlp_out after t
 post-MLP norm, ``-att`` attn_z: TransformerLens's hooks, as SAELens maps them).
 v2: config.json's ``hf_hook_point_in`` (see `names.hook_point_site`); without it the
 folder, as Gemma Scope 2 lays it out (``attn_out`` SAEs read ``o_proj``'s input: attn_z).
-Transcoders (v1 ``-transcoders`` repositories; v2 ``"type": "transcoder"``, an
-``hf_hook_point_out`` that differs from the input, an affine skip, ``transcoder``/``clt``
-folders) are refused: their decoder writes another activation than the one they read.
+Transcoders (v2 ``"type": "transcoder"``, an ``hf_hook_point_out`` that differs from
+the input, an affine skip, ``transcoder`` folders) load as `Transcoder`s reading
+mlp_in.L and writing mlp_out.L: w_dec [d_sae, d_out], b_dec [d_out], and the skip
+``affine_skip_connection`` stored [d_in, d_out] (x @ A), transposed into W_skip
+[d_out, d_in]. v1 ``-transcoders`` repositories (no skip) load likewise. Cross-layer
+transcoders (``clt`` folders, a 3-d w_dec) are refused.
 """
 
 from __future__ import annotations
@@ -150,11 +153,16 @@ def read_v1(folder: Path, *, dtype: str | None = None) -> SAE:
     if not sidecar and re.search(r"(?:^|[-_/])transcoders?/", where):
         layer = re.search(r"layer_(\d+)", where)
         L = layer.group(1) if layer else "L"
-        refuse_transcoder(
-            f"{source} (a Gemma Scope transcoder, by its folder)",
-            f"blocks.{L}.ln2.hook_normalized (the MLP's input)",
-            f"blocks.{L}.hook_mlp_out (the MLP's output)",
-        )
+        if not layer:
+            refuse_transcoder(
+                f"{source} (a Gemma Scope transcoder, by its folder, with no layer_L in its path)",
+                f"blocks.{L}.ln2.hook_normalized (the MLP's input)",
+                f"blocks.{L}.hook_mlp_out (the MLP's output)",
+            )
+        tensors = _read_npz(folder / NPZ)
+        meta = {k: v for k, v in infer_from_path(folder).items() if k not in ("site", "hook_name")}
+        return _transcoder(tensors, meta | {"site": f"mlp_in.{L}", "site_out": f"mlp_out.{L}"},
+                           dtype, source)
     tensors = _read_npz(folder / NPZ)
     meta = {**infer_from_path(folder), **sidecar}
     return SAE.from_tensors(_cfg(tensors, meta, dtype, source), tensors, source=source)
@@ -187,7 +195,8 @@ _V2_FOLDERS = {
 }
 
 
-def _v2_refuse_transcoder(folder: Path, conf: dict[str, Any], raw: dict[str, torch.Tensor]) -> None:
+def _v2_transcoder(folder: Path, conf: dict[str, Any], raw: dict[str, torch.Tensor]) -> bool:
+    """Whether the file is a (per-layer) transcoder; a cross-layer one is refused."""
     source = str(folder / V2_WEIGHTS)
     hook_in, hook_out = conf.get("hf_hook_point_in"), conf.get("hf_hook_point_out")
     kind = conf.get("type")
@@ -197,7 +206,9 @@ def _v2_refuse_transcoder(folder: Path, conf: dict[str, Any], raw: dict[str, tor
     folder_says = re.search(r"(?:^|/)(transcoder|clt)[^/]*/[^/]*$", folder.resolve().as_posix())
     if not (kind not in (None, "sae") or (hook_out and hook_in and hook_out != hook_in)
             or skip or cross or (folder_says and not conf)):
-        return
+        return False
+    if not (cross or (folder_says and folder_says[1] == "clt")):
+        return True
     layer = re.search(r"layer_(\d+)", folder.name)
     L = layer.group(1) if layer else "L"
     hook_in = hook_in or f"model.layers.{L}.pre_feedforward_layernorm.output"
@@ -211,7 +222,8 @@ def read_v2(folder: Path, *, dtype: str | None = None) -> SAE:
     source = str(folder / V2_WEIGHTS)
     raw = {_canonical(k): v for k, v in read_safetensors(folder / V2_WEIGHTS).items()}
     conf = read_json(folder / V2_CONFIG) if (folder / V2_CONFIG).exists() else {}
-    _v2_refuse_transcoder(folder, conf, raw)
+    if _v2_transcoder(folder, conf, raw):
+        return _read_v2_transcoder(folder, conf, raw, dtype)
     arch = conf.get("architecture", "jump_relu")
     if arch != "jump_relu":
         raise FormatError(
@@ -274,3 +286,101 @@ def _gemma_hook_point(site: str | None, model_name: str | None) -> str | None:
         return None
     point = _GEMMA_POINTS.get(m.group(1))
     return point.format(L=m.group(2)) if point else None
+
+
+# ------------------------------------------------------------------ transcoders
+# On Gemma the pre-MLP norm's output is the MLP's input (mlp_in), the post-MLP norm's
+# output what the MLP adds to the residual stream (mlp_out).
+_TC_POINTS = {"pre_feedforward_layernorm.output": "mlp_in", "mlp.input": "mlp_in",
+              "post_feedforward_layernorm.output": "mlp_out"}
+
+
+def _tc_site(point: str | None, layer: int | None, default: str, family: str | None,
+             where: str) -> str:
+    if point:
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", point)
+        if m and m.group(2) in _TC_POINTS:
+            return f"{_TC_POINTS[m.group(2)]}.{m.group(1)}"
+        try:
+            return hook_point_site(point, family)
+        except FormatError as e:
+            raise FormatError(f"{where}: {e}") from None
+    if layer is None:
+        raise FormatError(f"{where}: a transcoder whose hook points and layer are unknown; "
+                          "add hf_hook_point_in / hf_hook_point_out to its config.json")
+    return f"{default}.{layer}"
+
+
+def _transcoder(tensors: dict[str, torch.Tensor], meta: dict[str, Any], dtype: str | None,
+                source: str):
+    """A Gemma Scope transcoder (JumpReLU on raw input) from canonical tensor names."""
+    from saelab.sae.transcoder import TranscoderConfig, transcoder_from_tensors
+
+    t = dict(tensors)
+    w, w_dec = t.get("W_enc"), t.get("W_dec")
+    if w is None or w.ndim != 2 or w_dec is None or w_dec.ndim != 2:
+        raise CorruptFileError(f"{source}: W_enc / W_dec missing or not matrices; found "
+                               f"{', '.join(sorted(t))}")
+    if "affine_skip_connection" in t:  # stored (d_in, d_out): out += x @ A, so W_skip = A.T
+        t["W_skip"] = t.pop("affine_skip_connection").T.contiguous()
+    cfg = TranscoderConfig("jumprelu", d_in=int(w.shape[0]), d_sae=int(w.shape[1]),
+                           d_out=int(w_dec.shape[1]), skip="W_skip" in t,
+                           dtype=file_dtype(t, "W_enc", dtype), metadata=meta)
+    return transcoder_from_tensors(cfg, t, source=source)
+
+
+def _read_v2_transcoder(folder: Path, conf: dict[str, Any], raw: dict[str, torch.Tensor],
+                        dtype: str | None):
+    where = str(folder / V2_CONFIG)
+    meta = {k: v for k, v in infer_from_path(folder).items() if k not in ("site", "hook_name")}
+    if conf.get("model_name"):
+        name = conf["model_name"]
+        meta["model_name"] = name if "/" in name else f"google/{name}"
+    family = family_hint(meta.get("model_name")) or "gemma3"
+    layer = re.search(r"layer_(\d+)", folder.name)
+    L = int(layer.group(1)) if layer else None
+    hook_in, hook_out = conf.get("hf_hook_point_in"), conf.get("hf_hook_point_out")
+    meta["site"] = _tc_site(hook_in, L, "mlp_in", family, where)
+    meta["site_out"] = _tc_site(hook_out, L, "mlp_out", family, where)
+    for key, value in (("hf_hook_name", hook_in), ("hf_hook_name_out", hook_out)):
+        if value:
+            meta[key] = value
+    meta.update(conf.get("saelab_metadata") or {})
+    return _transcoder(raw, meta, dtype, str(folder / V2_WEIGHTS))
+
+
+def write_v2_transcoder(tc, folder: Path) -> None:
+    """A relu / jumprelu / batchtopk transcoder as Gemma Scope 2 writes them (raw-input JumpReLU,
+    the skip as affine_skip_connection [d_in, d_out])."""
+    tc = tc.for_export()
+    if tc.cfg.architecture not in ("relu", "jumprelu"):
+        raise FormatError(f"gemma-scope-2 stores JumpReLU transcoders; a {tc.cfg.architecture} "
+                          "one picks its top k per token. Save it as saelens or circuit-tracer.")
+    t = {k: v.detach().float() for k, v in tc.tensors().items()}
+    if "threshold" not in t:
+        t["threshold"] = torch.zeros_like(t["b_enc"])  # ReLU is JumpReLU with θ = 0
+    out = {"w_enc": t["W_enc"], "w_dec": t["W_dec"], "b_enc": t["b_enc"], "b_dec": t["b_dec"],
+           "threshold": t["threshold"]}
+    if "W_skip" in t:
+        out["affine_skip_connection"] = t["W_skip"].T.contiguous()
+    meta = tc.cfg.metadata
+    conf: dict[str, Any] = {"architecture": "jump_relu", "type": "transcoder",
+                            "width": tc.cfg.d_sae, "affine_connection": "W_skip" in t}
+    if meta.get("model_name"):
+        conf["model_name"] = meta["model_name"]
+    for key, site in (("hf_hook_point_in", tc.site), ("hf_hook_point_out", tc.site_out)):
+        point = _gemma_tc_point(site, meta.get("model_name"))
+        if point:
+            conf[key] = point
+    conf["saelab_metadata"] = meta
+    with atomic_files(folder) as tmp:
+        write_safetensors(tmp(V2_WEIGHTS), out)
+        write_json(tmp(V2_CONFIG), conf)
+
+
+def _gemma_tc_point(site: str | None, model_name: str | None) -> str | None:
+    m = re.fullmatch(r"(mlp_in|mlp_out)\.(\d+)", site or "")
+    if not m or family_hint(model_name) not in ("gemma2", "gemma3"):
+        return None
+    part = {"mlp_in": "pre_feedforward_layernorm", "mlp_out": "post_feedforward_layernorm"}
+    return f"model.layers.{m.group(2)}.{part[m.group(1)]}.output"

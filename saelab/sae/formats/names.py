@@ -269,8 +269,8 @@ def dl_site(label: str, layer: Any, lm_name: str | None) -> str:
 def refuse_transcoder(source: str, reads: str, writes: str) -> None:
     raise UnmappableNameError(
         f"{source} is a transcoder reading {reads} and writing {writes}, not an SAE: its decoder "
-        "predicts another activation than the one it encodes. Transcoders are not yet supported "
-        "as SAEs, so saelab refuses it."
+        "predicts another activation than the one it encodes. saelab reads per-layer "
+        "transcoders of known layout (saelab.sae.transcoder) and refuses this one."
     )
 
 

@@ -23,7 +23,26 @@ def _is_circuit_tracer(folder: Path) -> bool:
     return (folder / "config.yaml").is_file()
 
 
-def load(path: Path, *, dtype: str | None = None, model_name: str | None = None) -> TranscoderSet:
+def load_any(path: Path, *, dtype: str | None = None):
+    """What `path` holds: an SAE, or {layer: Transcoder} for one transcoder or a set of them
+    (layers may be missing: for evaluation, not for a replacement model)."""
+    from saelab.sae.formats import _match, load_sae
+
+    folder = path if path.is_dir() else path.parent
+    if path.exists() and not _is_circuit_tracer(folder) and (_match(folder) or not path.is_dir()):
+        obj = load_sae(path, dtype=dtype)
+        if not isinstance(obj, Transcoder):
+            return obj
+        return {obj.layer if obj.layer is not None else 0: obj}
+    if path.is_dir() and not _is_circuit_tracer(folder):
+        members = sorted(d for d in folder.iterdir() if d.is_dir() and _match(d))
+        if members and not isinstance(load_sae(members[0], dtype=dtype), Transcoder):
+            return load_sae(path, dtype=dtype)  # a folder of SAEs: load_sae's own message
+    return dict(load(path, dtype=dtype, complete=False))
+
+
+def load(path: Path, *, dtype: str | None = None, model_name: str | None = None,
+         complete: bool = True) -> TranscoderSet:
     from saelab.sae.formats import _match, load_sae
 
     if not path.exists():
@@ -32,7 +51,8 @@ def load(path: Path, *, dtype: str | None = None, model_name: str | None = None)
     if _is_circuit_tracer(folder):
         from saelab.sae.formats import circuit_tracer
 
-        return circuit_tracer.read_set(folder, dtype=dtype, model_name=model_name)
+        return circuit_tracer.read_set(folder, dtype=dtype, model_name=model_name,
+                                       complete=complete).eval()
     if _match(folder):
         members = [folder]
     else:
@@ -50,7 +70,8 @@ def load(path: Path, *, dtype: str | None = None, model_name: str | None = None)
             raise TranscoderSetError(f"{folder}: two transcoders for layer {tc.layer} "
                                      f"({by_layer[tc.layer].site}, {d.name}); keep one per layer")
         by_layer[tc.layer] = tc
-    return TranscoderSet(by_layer, model_name=model_name, source=str(folder))
+    return TranscoderSet(by_layer, model_name=model_name, source=str(folder),
+                         complete=complete).eval()
 
 
 def save(tset: Mapping[int, Transcoder], folder: Path, *, format: str = "saelens") -> Path:

@@ -101,10 +101,11 @@ def cfg_dict(tc: Transcoder) -> dict[str, Any]:
     meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, **c.metadata}
     meta.setdefault("saelab_version", saelab.__version__)
     name = meta.get("model_name")
-    if c.site and not meta.get("hook_name"):
-        meta["hook_name"] = site_to_tl(c.site, name) or c.site
-    if c.site_out and not meta.get("hook_name_out"):
-        meta["hook_name_out"] = site_to_tl(c.site_out, name) or c.site_out
+    # The TransformerLens name only where it holds exactly that tensor (mlp_in is
+    # ln2.hook_normalized on LayerNorm models only); else saelab's site name.
+    for key, site in (("hook_name", c.site), ("hook_name_out", c.site_out)):
+        if site:
+            meta[key] = site_to_tl(site, name) or site
     out: dict[str, Any] = {
         "architecture": _TO_SAELENS[(c.architecture, c.skip)],
         "d_in": c.d_in,
