@@ -18,7 +18,7 @@ def tc_dir(tmp_path_factory):
     tset = {layer: random_transcoder("topk", d_in=576, d_sae=128, k=4, skip=True, layer=layer,
                                      seed=layer, model_name="smollm2-135m-instruct")
             for layer in range(30)}
-    return save_transcoders(tset, folder / "set")
+    return save_transcoders(tset, folder / "set", format="circuit-tracer")
 
 
 @pytest.mark.slow
