@@ -71,13 +71,14 @@ class RowStore:
         prod = first.float()
         total = torch.zeros(self.n_features)
         is_feat = feature_of_row >= 0
+        mags = (self.feat[:n] if self.exact else self.val[:n]).abs().float()  # once, not per wave
+        cols = None if self.exact else self.idx[:n].flatten().long()
         for _ in range(10_000):
             w = prod / norm
             if self.exact:
-                cur = (w @ self.feat[:n].abs().float())
+                cur = w @ mags
             else:
-                cur = torch.zeros(self.n_features).index_add_(
-                    0, self.idx[:n].flatten().long(), (w[:, None] * self.val[:n].abs().float()).flatten())
+                cur = torch.zeros(self.n_features).index_add_(0, cols, (w[:, None] * mags).flatten())
             total += cur
             prod = torch.zeros(n)
             prod[is_feat] = cur[feature_of_row[is_feat]]
