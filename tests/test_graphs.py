@@ -220,3 +220,21 @@ def test_bad_input():
         build_graph(model, None, ids, other)
     with pytest.raises(GraphError, match="context"):
         build_graph(model, None, torch.zeros(1, 200, dtype=torch.long), tcs)
+
+
+def test_verify_on_tiny_model():
+    from saelab.graphs.verify import verify_graph
+
+    model, tcs, ids = _setup("llama", arch="topk", T=5)
+    graph = build_graph(model, None, ids, tcs, max_features=10_000)
+    pruned = graph.prune(0.8, 0.98)
+    v = verify_graph(model, ids, tcs, graph, pruned, graph.live["targets"], top=10_000)
+    assert v["top"] == graph.layout.n_features and len(v["checks"]) == 2 * v["top"]
+    assert v["target_clean"]["replacement"] == pytest.approx(v["target_clean"]["real"], abs=1e-9)
+    # A last-layer feature feeds no other feature: the replacement model moves exactly as
+    # the graph predicts (random transcoders make earlier ones switch others on and off).
+    last = [r for r in v["checks"] if r["node"].startswith(f"feature {graph.n_layers - 1}:")]
+    assert last
+    for r in last:
+        assert r["replacement"] == pytest.approx(r["predicted"], rel=1e-6, abs=1e-9)
+    assert v["replacement_fit"]["spearman"] is not None and v["real_fit"]["slope"] is not None

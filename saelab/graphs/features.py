@@ -87,6 +87,20 @@ def _decode_sparse(writes: Writes, feats: ActiveFeatures, out_layer: int, acts: 
 
 
 @torch.no_grad()
+def decoded_by_layer(writes: Writes, feats: ActiveFeatures, coef: Tensor, T: int, d: int,
+                     dtype: torch.dtype) -> dict[int, Tensor]:
+    """out layer -> (T, d): sum of coef * decoder row of `feats`, wherever each feature writes."""
+    out: dict[int, Tensor] = {}
+    for src in torch.unique(feats.layer).tolist():
+        m = feats.layer == src
+        for layer in writes.out_layers(src):
+            rows = writes.rows(layer, src, feats.index[m]).to(dtype)
+            add = out.setdefault(layer, torch.zeros(T, d, dtype=dtype))
+            add.index_add_(0, feats.pos[m], coef[m].to(dtype)[:, None] * rows)
+    return out
+
+
+@torch.no_grad()
 def error_nodes(transcoders: Mapping[int, Any], feats: ActiveFeatures,
                 state: CleanState) -> dict[int, Tensor]:
     """layer -> (T, d): the real MLP output minus the transcoders' reconstruction of it."""

@@ -33,7 +33,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from saelab.graphs.features import active_features, error_nodes, replacement_mlp
+from saelab.graphs.features import (
+    Writes,
+    active_features,
+    decoded_by_layer,
+    error_nodes,
+    replacement_mlp,
+)
 from saelab.graphs.frozen import _lm_head, record_clean, run_frozen
 from saelab.graphs.influence import Pruned
 from saelab.graphs.record import Graph
@@ -107,17 +113,12 @@ def verify_graph(model: nn.Module, ids: Tensor, transcoders: Mapping[int, Any], 
         return _weighted(targets, run_frozen(model, arch, state, replacement_mlp(
             transcoders, errors, edit)).final)
 
-    def decoded(mask: Tensor, scale: Tensor | float) -> dict[int, Tensor]:
-        """layer -> (T, d): sum of scale * act * decoder row of the graph's features in mask."""
-        out = {}
-        for layer in torch.unique(f.layer[mask]).tolist():
-            m = mask & (f.layer == layer)
-            rows = transcoders[layer].W_dec.detach()[f.index[m]].to(state.embed.dtype)
-            s = scale[m] if isinstance(scale, Tensor) else scale
-            add = torch.zeros_like(state.embed[0])
-            add.index_add_(0, f.pos[m], (s * f.act[m].to(rows.dtype))[:, None] * rows)
-            out[layer] = add
-        return out
+    writes = Writes(transcoders)
+    T, d, dtype = state.embed.shape[1], state.embed.shape[2], state.embed.dtype
+
+    def decoded(mask: Tensor, scale: float) -> dict[int, Tensor]:
+        """out layer -> (T, d): scale * act * decoder rows of the graph's features in mask."""
+        return decoded_by_layer(writes, f.subset(mask), scale * f.act[mask].double(), T, d, dtype)
 
     clean_rep, clean_real = replacement(), _real_target(model, ids, targets, {})
     kept = pruned.node_mask[:nf].nonzero()[:, 0]
@@ -147,13 +148,13 @@ def verify_graph(model: nn.Module, ids: Tensor, transcoders: Mapping[int, Any], 
         keep_mask[int(f.layer[node])][int(f.pos[node]), int(f.index[node])] = True
     only_kept = replacement(lambda lay, acts: acts * keep_mask[lay].to(acts.dtype))
     none_rep = replacement(lambda lay, acts: torch.zeros_like(acts))
-    all_feats = torch.ones(len(feats), dtype=torch.bool)
-    removal_all = _decoded_all(transcoders, feats, state.embed, all_feats)
+    removal_all = decoded_by_layer(writes, feats, -feats.act.double(), T, d, dtype)
     in_graph = torch.zeros(len(feats), dtype=torch.bool)
     key = {(int(a), int(b), int(c)) for a, b, c in zip(f.layer[kept], f.pos[kept], f.index[kept], strict=True)}
     for k, (a, b, c) in enumerate(zip(feats.layer.tolist(), feats.pos.tolist(), feats.index.tolist(), strict=True)):
         in_graph[k] = (a, b, c) in key
-    removal_rest = _decoded_all(transcoders, feats, state.embed, ~in_graph)
+    rest = feats.subset(~in_graph)
+    removal_rest = decoded_by_layer(writes, rest, -rest.act.double(), T, d, dtype)
     none_real = _real_target(model, ids, targets, removal_all)
     kept_real = _real_target(model, ids, targets, removal_rest)
 
@@ -169,14 +170,3 @@ def verify_graph(model: nn.Module, ids: Tensor, transcoders: Mapping[int, Any], 
                              "real": share(kept_real, none_real, clean_real)},
             "pruned_features": int(len(kept))}
 
-
-def _decoded_all(transcoders: Mapping[int, Any], feats: Any, embed: Tensor, mask: Tensor) -> dict[int, Tensor]:
-    """layer -> (T, d): minus the decoded output of the active features in `mask`."""
-    out = {}
-    for layer in transcoders:
-        m = mask & (feats.layer == layer)
-        rows = transcoders[layer].W_dec.detach()[feats.index[m]].to(embed.dtype)
-        add = torch.zeros_like(embed[0])
-        add.index_add_(0, feats.pos[m], -feats.act[m].to(rows.dtype)[:, None] * rows)
-        out[layer] = add
-    return out
