@@ -52,8 +52,10 @@ class Layout:
 
 
 def normalize(R: Tensor) -> Tensor:
+    """|R| with each row divided by its sum, as one new float32 buffer."""
     a = R.abs().float()
-    return a / a.sum(1, keepdim=True).clamp(min=1e-10)
+    a /= a.sum(1, keepdim=True).clamp(min=1e-10)
+    return a
 
 
 def influence(Rn: Tensor, layout: Layout, weights: Tensor, max_iter: int = 10_000) -> Tensor:
@@ -72,15 +74,26 @@ def influence(Rn: Tensor, layout: Layout, weights: Tensor, max_iter: int = 10_00
     raise RuntimeError("influence did not converge: the graph has a cycle")
 
 
-def find_threshold(scores: Tensor, threshold: float) -> float:
-    """The smallest score among the top scores that hold `threshold` of the total."""
-    values = np.sort(scores.detach().numpy().ravel())[::-1]
-    total = values.sum()
-    if total <= 0:
+def find_threshold(scores: Tensor, threshold: float, chunk: int = 1 << 22) -> float:
+    """The smallest score among the top scores that hold `threshold` of the total.
+
+    Zeros never count; the sorted scores are summed in chunks (float64 running total),
+    so a 300M-entry score matrix needs one float32 copy, not a float64 cumsum of it."""
+    values = scores.detach().flatten()
+    values = values[values > 0].float().numpy()
+    if values.size == 0:
         return 0.0
-    cumulative = np.cumsum(values, dtype=np.float64) / total
-    index = min(int(np.searchsorted(cumulative, threshold)), len(values) - 1)
-    return float(values[index])
+    values.sort()
+    values = values[::-1]
+    total = float(values.sum(dtype=np.float64))
+    goal, running = threshold * total, 0.0
+    for start in range(0, values.size, chunk):
+        part = np.cumsum(values[start:start + chunk], dtype=np.float64) + running
+        hit = int(np.searchsorted(part, goal))
+        if hit < part.size:
+            return float(values[start + hit])
+        running = float(part[-1])
+    return float(values[-1])
 
 
 @dataclass
@@ -103,14 +116,17 @@ def prune(R: Tensor, layout: Layout, weights: Tensor, node_threshold: float = 0.
     node_mask = node_infl >= find_threshold(node_infl, node_threshold)
     node_mask[layout.n_features + layout.n_errors:] = True  # tokens and targets stay
 
-    pruned = R * node_mask[rows][:, None] * node_mask[:ncol][None, :]
-    Rn = normalize(pruned)
-    infl = influence(Rn, layout, weights)
+    # One working buffer: the pruned matrix, normalised in place, then its edge scores.
+    work = R.float() * node_mask[rows][:, None] * node_mask[:ncol][None, :]
+    work.abs_()
+    work /= work.sum(1, keepdim=True).clamp(min=1e-10)
+    infl = influence(work, layout, weights)
     row_weight = infl[rows].clone()
     row_weight[nf:] += weights.to(row_weight.dtype)
-    scores = Rn * row_weight[:, None]
-    edge_mask = scores >= find_threshold(scores, edge_threshold)
-    edge_mask &= pruned != 0
+    work *= row_weight[:, None]
+    edge_mask = work >= find_threshold(work, edge_threshold)
+    edge_mask &= work > 0
+    del work
 
     keep_out = nf + layout.n_errors  # features and errors need an outgoing edge
     while True:
