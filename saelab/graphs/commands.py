@@ -27,6 +27,15 @@ TARGET_HELP = ('logits (the top next tokens up to 0.95 probability, at most 10) 
                'saelab attribute\'s grammar, e.g. \'logit_diff:" Paris":" London"\'.')
 
 
+def check_options(max_features: int, node_threshold: float, edge_threshold: float,
+                  verify: int) -> None:
+    """Refuse bad numbers (BadValueError, exit 2) before anything is loaded."""
+    integer("max_features", max_features, low=1, high=10**7)
+    number("node_threshold", node_threshold, low=0.0, high=1.0)
+    number("edge_threshold", edge_threshold, low=0.0, high=1.0)
+    integer("verify", verify, low=0, high=1000)
+
+
 def run_graph(model: Any, transcoders: Any, prompt: str, out: str | Path, *,
               target: str = "logits", max_features: int = 7500, node_threshold: float = 0.8,
               edge_threshold: float = 0.98, verify: int = 0, chat: bool = False,
@@ -43,10 +52,7 @@ def run_graph(model: Any, transcoders: Any, prompt: str, out: str | Path, *,
     from saelab.graphs.frozen import GraphError
     from saelab.graphs.graph_json import edges_kept, neuronpedia_json
 
-    integer("max_features", max_features, low=1, high=10**7)
-    number("node_threshold", node_threshold, low=0.0, high=1.0)
-    number("edge_threshold", edge_threshold, low=0.0, high=1.0)
-    integer("verify", verify, low=0, high=1000)
+    check_options(max_features, node_threshold, edge_threshold, verify)
     metric = None if target == "logits" else parse_metric(target)
     if not prompt.strip():
         raise GraphError("the prompt is empty; give a prompt of at least one token (--prompt TEXT).")
@@ -111,16 +117,25 @@ def graph_cmd(
     json_out: JsonFlag = False,
 ) -> None:
     """Attribution graph of a prompt: features, errors and tokens, edges by direct effect."""
+    integer("verify_top", verify_top, low=1, high=1000)  # checked before anything loads
+    check_options(max_features, node_threshold, edge_threshold, verify_top if verify else 0)
     torch.set_grad_enabled(True)
-    with progress() as bar:
-        task = bar.add_task("rows", total=None, info="")
+    bar, task = progress(), None
 
-        def tick(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def tick(done: int, total: int) -> None:  # the bar appears with the first rows
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("rows", total=total, info="")
+        bar.update(task, completed=done, total=total)
 
+    try:
         result = run_graph(model, transcoders, prompt, out, target=target, max_features=max_features,
                            node_threshold=node_threshold, edge_threshold=edge_threshold,
                            verify=verify_top if verify else 0, chat=chat, on_progress=tick)
+    finally:
+        if task is not None:
+            bar.stop()
     if json_out:
         return emit_json(result)
     s = result["stats"]
