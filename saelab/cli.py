@@ -68,9 +68,8 @@ def _threads(threads: Annotated[int | None, typer.Option(
 # The stages, in the order `saelab --help` lists them; each module has `register(app)`.
 _STAGES = ("saelab.models.commands", "saelab.data.commands", "saelab.sae.commands",
            "saelab.train.commands", "saelab.evals.commands", "saelab.features.commands",
-           "saelab.attribution.commands", "saelab.interventions.commands",
-           "saelab.studies.commands", "saelab.scope.commands",
-           "saelab.scope.export_commands")
+           "saelab.attribution.commands", "saelab.graphs.commands", "saelab.interventions.commands",
+           "saelab.studies.commands", "saelab.scope.commands", "saelab.scope.export_commands")
 
 
 def _register_commands() -> None:

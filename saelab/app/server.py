@@ -98,7 +98,10 @@ class App:
             raise CorruptFileError(damaged[0].message + more)
         for d in damaged:  # served anyway: each is named in the log, on / and on its pages
             log.warning("%s", d.message)
-        if not self.saes and self.scope is None:
+        from saelab.app.graphs import find_graphs
+
+        self.graphs = find_graphs(self.run_dir)  # attribution graphs (saelab graph --out)
+        if not self.saes and self.scope is None and not self.graphs:
             raise SaelabError(f"no feature index under {run_dir} (looked for index.json up to 3 "
                               "folders deep). Create one with `saelab features SAE_DIR --out DIR`, "
                               "then serve DIR.")
@@ -318,6 +321,8 @@ class Handler(BaseHTTPRequestHandler):
             parts = [unquote(p) for p in url.path.split("/")[1:] if p != ""]
             if parts[:1] == ["api"]:
                 self._json(200, self._api(method, parts[1:], parse_qs(url.query)))
+            elif method == "GET" and parts[:1] == ["graph"]:
+                self._static("graph.html")
             elif method == "GET" and parts[:1] == ["static"] and len(parts) == 2:
                 self._static(parts[1])
             elif method == "GET" and (not parts or parts[0] in PAGES):
@@ -346,6 +351,12 @@ class Handler(BaseHTTPRequestHandler):
         app = self.server.app
         if parts[:1] == ["scope"] and app.scope is not None:
             return app.scope.api(method, parts[1:], query, self._body)
+        if parts[:1] == ["graphs"]:
+            from saelab.app.graphs import graph_api
+
+            if method == "GET":
+                check_query(query, (), "GET /api/graphs")
+            return graph_api(app.graphs, app.saes, method, parts[1:], self._body)
         if method == "GET":
             if len(parts) != 3:  # only the feature list takes query parameters
                 check_query(query, (), f"GET /api/{'/'.join(parts)[:200]}")
