@@ -7,29 +7,15 @@ The run is made by `saelab features` on the embedded model with a small random S
 Screenshots are kept in test-artifacts/.
 """
 
-import os
-import shutil
-import threading
-from pathlib import Path
 
 import pytest
 import typer
+from browser_kit import CHROMIUM, EVIL, NO_BROWSER, chromium_page, screenshot, served
 from typer.testing import CliRunner
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
-EVIL = "<img src=x onerror=alert(1)>"
-
-# CI sets SAELAB_REQUIRE_BROWSER=1 (`make test` installs chromium and playwright), so a
-# missing browser fails there instead of silently skipping the only real-browser tests.
-if os.environ.get("SAELAB_REQUIRE_BROWSER") == "1" and CHROMIUM is None:
-    raise RuntimeError("SAELAB_REQUIRE_BROWSER=1 but chromium is not installed")
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)"),
+    pytest.mark.skipif(CHROMIUM is None, reason=NO_BROWSER),
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
                                "(.venv/bin/pip install playwright)")
@@ -59,31 +45,18 @@ def run_dir(tmp_path_factory, embedded_lm):
 
 @pytest.fixture(scope="module")
 def base_url(run_dir):
-    from saelab.app.server import make_server
-
-    server = make_server(run_dir, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with served(run_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def page():
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        pg = browser.new_page(viewport={"width": 1200, "height": 900})
-        dialogs = []
-        pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        pg.dialogs = dialogs
+    with chromium_page() as pg:
         yield pg
-        browser.close()
 
 
 def shot(page, name):
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=True)
+    screenshot(page, f"browser-{name}")
 
 
 def test_sae_page_and_feature_page(page, base_url):

@@ -7,15 +7,13 @@ are replaced by markup to check that model text is shown, never run.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import threading
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
+from browser_kit import CHROMIUM, EVIL, NO_BROWSER, chromium_page, screenshot, served
 from tiny_models import tiny_model
 
 from saelab.app.graphs import graph_doc, save_view
@@ -23,12 +21,6 @@ from saelab.app.request import HttpError
 from saelab.graphs.build import build_graph
 from saelab.graphs.graph_json import neuronpedia_json
 from saelab.sae.testing import random_transcoder
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
-EVIL = "<img src=x onerror=alert(1)>"
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +78,8 @@ def test_graph_api_links_features_and_saves_views(run_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def base_url(run_dir):
-    from saelab.app.server import make_server
-
-    server = make_server(run_dir, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with served(run_dir) as url:
+        yield url
 
 
 def test_graph_routes_without_feature_index(base_url):
@@ -107,19 +93,14 @@ def test_graph_routes_without_feature_index(base_url):
     assert err.value.code == 404
 
 
-browser = pytest.mark.skipif(CHROMIUM is None and os.environ.get("SAELAB_REQUIRE_BROWSER") != "1",
-                             reason="chromium is not installed (apt-get install -y chromium)")
+browser = pytest.mark.skipif(CHROMIUM is None, reason=NO_BROWSER)
 
 
 @pytest.mark.slow
 @browser
 def test_graph_page_in_chromium(base_url, run_dir):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = b.new_page(viewport={"width": 1300, "height": 900})
-        dialogs = []
-        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    pytest.importorskip("playwright.sync_api")
+    with chromium_page(1300, 900) as page:
         page.goto(base_url + "/graph")
         page.click("#graphs a")
         page.wait_for_selector("#full svg .node")
@@ -145,12 +126,10 @@ def test_graph_page_in_chromium(base_url, run_dir):
         assert "my group" in page.inner_text("#supernodes")
         page.click("#save")
         page.wait_for_selector("#status:has-text('saved')")
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "browser-graph.png"), full_page=True)
+        screenshot(page, "browser-graph")
         saved = json.loads((run_dir / "g1" / "neuronpedia.json").read_text())["qParams"]
         assert len(saved["pinnedIds"]) == 2 and saved["supernodes"][0][0] == "my group"
         page.reload()
         page.wait_for_selector("#subgraph svg .node")
         assert page.locator("#pinned li").count() == 2  # the saved view comes back
-        assert dialogs == []
-        b.close()
+        assert page.dialogs == []

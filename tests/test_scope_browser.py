@@ -7,25 +7,13 @@ embedded model.
 """
 
 import json
-import os
 import shutil
-import threading
-from pathlib import Path
 
 import pytest
+from browser_kit import CHROMIUM, EVIL, NO_BROWSER, chromium_page, screenshot, served
 from tiny_scope import make_tiny_scope
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
-EVIL = "<img src=x onerror=alert(1)>"
-
-if os.environ.get("SAELAB_REQUIRE_BROWSER") == "1" and CHROMIUM is None:
-    raise RuntimeError("SAELAB_REQUIRE_BROWSER=1 but chromium is not installed")
-
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
-                                "(apt-get install -y chromium)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_BROWSER)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
                                "(.venv/bin/pip install playwright)")
 
@@ -45,31 +33,18 @@ def scope_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(scope_dir):
-    from saelab.app.server import make_server
-
-    server = make_server(scope_dir, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with served(scope_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def page():
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        pg = browser.new_page(viewport={"width": 1200, "height": 900})
-        dialogs = []
-        pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        pg.dialogs = dialogs
+    with chromium_page() as pg:
         yield pg
-        browser.close()
 
 
 def shot(page, name):
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"scope-{name}.png"), full_page=True)
+    screenshot(page, f"scope-{name}")
 
 
 def test_index_pickers_plot_and_missing(page, base_url):
