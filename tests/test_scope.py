@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import typer
 from tiny_lm import tiny_lm
+from tiny_scope import saelab_app, save_tiny_llama, scope_cli
 from typer.testing import CliRunner
 
 from saelab.sae import load_sae
@@ -22,24 +22,16 @@ SMALL = ["--sites", ",".join(KINDS), "--layers", "all", "--widths", "64", "--l0"
          "--eval-tokens", "1024", "--feature-tokens", "1024"]
 
 
-def _app() -> typer.Typer:
-    from saelab.cli import app  # every stage's commands, registered on import
-
-    return app
+_app = saelab_app
 
 
 def _scope(model: Path, out: Path, *extra: str):
-    return CliRunner().invoke(_app(), ["scope", "--model", str(model), "--out", str(out),
-                                       *SMALL, *extra], env={"COLUMNS": "200"})
+    return scope_cli(model, out, *SMALL, *extra)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    lm = tiny_lm("llama", num_hidden_layers=2)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", num_hidden_layers=2)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,28 @@ WIDTH = 64
 K = 4
 
 
+def saelab_app():
+    from saelab.cli import app  # every stage's commands, registered on import
+
+    return app
+
+
+def scope_cli(model: Path, out: Path, *args: str):
+    """`saelab scope --model MODEL --out OUT ARGS...` through typer's test runner."""
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(saelab_app(), ["scope", "--model", str(model), "--out", str(out),
+                                             *args], env={"COLUMNS": "200"})
+
+
+def save_tiny_llama(folder: Path, **config) -> Path:
+    """The tiny llama (tiny_lm.py, `config` overriding its sizes) saved where a path loads it."""
+    lm = tiny_lm("llama", **config)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def tiny_scope_saes(d_in: int = 32) -> dict[str, object]:
     """{site: random top-k SAE} for every site of the tiny scope (fixed seeds)."""
     from saelab.sae import SAEConfig, build_sae
@@ -42,9 +64,7 @@ def make_tiny_scope(root: Path, *, features: bool = True) -> Path:
     from saelab.scope.layout import Scope, ScopeEntry, scope_id, write_scope
 
     lm = tiny_lm("llama")
-    model_dir, scope_dir = root / "model", root / "scope"
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
+    model_dir, scope_dir = save_tiny_llama(root / "model"), root / "scope"
     entries, saes = [], {}
     for i, (site, sae) in enumerate(tiny_scope_saes().items()):
         kind, layer = site.split(".")
