@@ -177,6 +177,9 @@ def _prepare(prompts: Any, tokenizer: Any, chat: bool) -> tuple[list[str] | None
         return None, [[int(t) for t in p] for p in prompts]
     if tokenizer is None:
         raise ValueError("generate: text prompts need a tokenizer (pass an LM, or tokenizer=)")
+    if not chat and "" in prompts:  # BOS alone would be a prompt with nothing to continue
+        raise BadValueError(f"prompt {prompts.index('')} is empty: it has no tokens to "
+                            "continue; give some text")
     texts = [chat_prompt(tokenizer, p) for p in prompts] if chat else prompts
     # BOS first, as every packed context the SAEs were trained on opens: without it the
     # first word is the attention sink and features fire hundreds of times there.
