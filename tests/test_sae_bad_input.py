@@ -48,7 +48,7 @@ def test_unknown_architecture(saelens_dir: Path) -> None:
         load_sae(saelens_dir)
     with pytest.raises(
         UnknownArchitectureError,
-        match="registered architectures are batchtopk, jumprelu, relu, topk",
+        match="registered architectures are batchtopk, jumprelu, matryoshka_batchtopk, relu, topk",
     ):
         SAE.from_tensors(SAEConfig("matryoshka", d_in=4, d_sae=8), {})
 
