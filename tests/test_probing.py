@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -170,6 +171,13 @@ def test_eval_probing_and_absorption_commands(lm, tmp_path, monkeypatch):
     assert list(out["datasets"]) == ["spam_is"] and out["saes"][0]["site"] == "resid_post.1"
     assert json.loads((sae / "eval" / "probing.json").read_text())["schema"] == pr.SCHEMA
     assert list((tmp_path / "cache" / "probing").glob("spam_is-*.safetensors"))
+    # the table, piped (80 columns), shows every name and interval whole
+    res = runner.invoke(app, [*base, "--probing", "--datasets",
+                              "spam_is,world_country_United_States"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    table = res.output[res.output.index("sparse probing"):res.output.index("model activations")]
+    assert "world_country_United_States" in table and "…" not in table
+    assert re.search(r"0\.\d\d±0\.\d\d", table)
     res = runner.invoke(app, [*base, "--absorption"])
     assert res.exit_code == 0, res.output
     assert "absorption means nothing here" in " ".join(res.output.split())

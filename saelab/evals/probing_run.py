@@ -102,6 +102,13 @@ def _short(m: dict) -> str:
     return f"{m['value']:.2f}" + (f"±{half:.2f}" if half is not None else "")
 
 
+def table_width(table) -> int:
+    """Columns the table needs to show every cell whole."""
+    from rich.console import Console
+
+    return Console(width=10_000).measure(table).maximum
+
+
 def print_probing(result: dict, console) -> None:
     from rich.table import Table
 
@@ -117,7 +124,15 @@ def print_probing(result: dict, console) -> None:
     for name, s, m, chance in rows:
         table.add_row(name, chance, *[_short(s[k]) for k in keys], _short(m[keys[-2]]),
                       _short(m["all"]))
-    console.print(table)
+    for column in table.columns:
+        column.no_wrap = True
+    # Never cut a dataset name or a number to fit 80 columns (piped output is 80 wide).
+    width = console.width
+    console.width = max(width, table_width(table))
+    try:
+        console.print(table)
+    finally:
+        console.width = width
     site = result["sites"][sae["site"]]
     console.print(f"model activations {site['activations_s']:.1f} s"
                   + (f" ({len(site['activations_from_cache'])} sets from the cache)"
