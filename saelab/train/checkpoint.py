@@ -19,6 +19,7 @@ import os
 import re
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -120,3 +121,26 @@ def load_checkpoint(folder: Path, which: str = "latest") -> tuple[dict[str, Tens
     except Exception as err:
         raise CorruptFileError(f"checkpoint {path} cannot be read ({err}); delete {folder} "
                                "to restart training from scratch.") from err
+
+
+def agreed_checkpoint(folder: Path, dist, steps: int, device) -> tuple[dict[str, Tensor], dict] | None:
+    """The newest checkpoint that every data-parallel rank holds (see the module doc).
+
+    dist: a `saelab.train.distributed.Dist`; steps: optimizer steps per site group (a
+    checkpoint's position is its group and step). Raises CorruptFileError when this rank
+    no longer holds the step the ranks agree on.
+    """
+    def position(ckpt) -> int:  # runs through groups: group g's step s, then g + 1's 0
+        return -1 if ckpt is None else int(ckpt[1].get("group", 0)) * (steps + 1) + int(ckpt[1]["step"])
+
+    ckpt = load_checkpoint(folder)
+    mine = position(ckpt)
+    agreed = int(dist.min_(torch.tensor([mine], dtype=torch.int64, device=device)).item())
+    if mine != agreed:
+        ckpt = load_checkpoint(folder, "previous") if agreed >= 0 else None
+        if position(ckpt) != agreed:
+            raise CorruptFileError(
+                f"the ranks' checkpoints under {folder.parent} disagree: this rank's newest is "
+                f"at position {mine}, another rank's at {agreed}, which this rank no longer "
+                f"holds; delete {folder.parent} to restart training from scratch.")
+    return ckpt

@@ -27,9 +27,10 @@ import torch
 
 from saelab.data.store import ActivationStore, atomic_write_text
 from saelab.data.stream import BatchStream, CacheContexts, ModelContexts, source_sites
-from saelab.errors import CorruptFileError, SaelabError, ShapeMismatchError
+from saelab.errors import SaelabError, ShapeMismatchError
 from saelab.precision import DTYPES, dtype_name, resolve_dtype
 from saelab.train.checkpoint import (
+    agreed_checkpoint,
     drop_previous,
     load_checkpoint,
     read_run_record,
@@ -222,7 +223,7 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
     agree = own_ckpt and not shard_sites and dist.active
     ckpt = None
     if resume:
-        ckpt = _agreed_checkpoint(ckpt_dir, dist, cfg.steps, dev) if agree else load_checkpoint(ckpt_dir)
+        ckpt = agreed_checkpoint(ckpt_dir, dist, cfg.steps, dev) if agree else load_checkpoint(ckpt_dir)
     info = ckpt[1] if ckpt else {}
     labels = [[mine[i].label for i in g] for g in groups]
     if info.get("finished"):
@@ -436,23 +437,6 @@ def _checkpoint(folder: Path, objectives, stream: BatchStream, group: int, step:
                     {"group": group, "stream": stream_info, "final": final},
                     keep_previous=keep_previous)
 
-
-def _agreed_checkpoint(folder: Path, dist: Dist, steps: int, dev) -> tuple | None:
-    """The newest checkpoint that every data-parallel rank holds (see checkpoint.py)."""
-    def position(ckpt) -> int:  # runs through groups: group g's step s, then g + 1's 0
-        return -1 if ckpt is None else int(ckpt[1].get("group", 0)) * (steps + 1) + int(ckpt[1]["step"])
-
-    ckpt = load_checkpoint(folder)
-    mine = position(ckpt)
-    agreed = int(dist.min_(torch.tensor([mine], dtype=torch.int64, device=dev)).item())
-    if mine != agreed:
-        ckpt = load_checkpoint(folder, "previous") if agreed >= 0 else None
-        if position(ckpt) != agreed:
-            raise CorruptFileError(
-                f"the ranks' checkpoints under {folder.parent} disagree: this rank's newest is "
-                f"at position {mine}, another rank's at {agreed}, which this rank no longer "
-                f"holds; delete {folder.parent} to restart training from scratch.")
-    return ckpt
 
 
 def _truncate_metrics(path: Path, group: int, step: int) -> None:
