@@ -105,3 +105,21 @@ def test_cli_refusals(lm, tmp_path):
     assert res.exit_code == 2 and "expected 'all'" in res.output
     res = runner.invoke(app, ["eval", "--suite", "all", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_a_scope_folder_stands_for_every_sae_it_indexes(tmp_path):
+    import shutil
+
+    from tiny_scope import make_tiny_scope
+
+    from saelab.evals.suite import sae_entries
+    from saelab.scope import read_scope
+
+    scope_dir = make_tiny_scope(tmp_path, features=False)
+    scope = read_scope(scope_dir)
+    entries = sae_entries([scope_dir])
+    assert [e.path for e in entries] == [scope_dir / e.native for e in scope.entries]
+    assert [e.sae.cfg.site for e in entries] == [e.site for e in scope.entries]
+    shutil.rmtree(scope_dir / scope.entries[1].native)  # one SAE gone: named, not skipped
+    with pytest.raises(SaelabError, match=f"{scope.entries[1].id} \\(missing\\)"):
+        sae_entries([scope_dir])

@@ -205,8 +205,7 @@ def sae_entries(paths: Sequence[str | os.PathLike]) -> list[SAEEntry]:
         raise SaelabError("no SAE given; pass one or more SAE folders, e.g. "
                           "`saelab eval --suite all runs/a/SAE runs/b/SAE --out DIR`.")
     entries, used = [], set()
-    for p in paths:
-        path = Path(p)
+    for path in _expand_scopes(paths):
         if not path.exists():
             raise SaelabError(f"{path} does not exist; give SAE folders (any format saelab reads).")
         name = path.name if path.is_dir() else path.parent.name
@@ -216,6 +215,25 @@ def sae_entries(paths: Sequence[str | os.PathLike]) -> list[SAEEntry]:
         used.add(name)
         entries.append(SAEEntry(name, load_sae(path, dtype="float32").eval(), path))
     return entries
+
+
+def _expand_scopes(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Paths, with a scope folder (`saelab scope --out`) standing for every SAE it indexes
+    (its native folders, in index order); a missing or corrupt one is refused by name."""
+    from saelab.scope.layout import is_scope, read_scope
+
+    out = []
+    for p in map(Path, paths):
+        if not is_scope(p):
+            out.append(p)
+            continue
+        scope = read_scope(p)
+        bad = [f"{e.id} ({e.status})" for e in scope.entries if e.status != "ok"]
+        if bad:
+            raise SaelabError(f"scope {p} has SAEs that cannot be read: {', '.join(bad)}; "
+                              f"rebuild them (`saelab scope --resume`) or pass the others.")
+        out += [p / e.native for e in scope.entries]
+    return out
 
 
 def check_sites(lm: Any, entries: Sequence[SAEEntry]) -> None:
