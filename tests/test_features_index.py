@@ -8,8 +8,10 @@ import threading
 import urllib.error
 import urllib.request
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
 from tiny_lm import tiny_lm
 from tiny_models import tiny_sae
 
@@ -18,19 +20,25 @@ from saelab.errors import SaelabError
 from saelab.features import build as build_mod
 from saelab.features.build import IndexConfig, build_index
 from saelab.features.collect import CollectConfig
-from saelab.features.index import EXAMPLE_COLUMNS, FEATURE_COLUMNS, FeatureIndex
+from saelab.features.index import ABLATION_COLUMNS, EXAMPLE_COLUMNS, FEATURE_COLUMNS, FeatureIndex
 from saelab.report.dashboard import render_dashboard, token_spans
 
 EVIL = "<img src=x onerror=alert(1)>"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A feature index of a tiny model; every token's text is replaced by an XSS probe."""
+def tiny():
+    """(model, SAE, corpus) of the index below."""
     lm = tiny_lm("llama")
     sae = tiny_sae(lm.model, "resid_post.1", "topk", d_sae=24)
     docs = load_corpus("builtin:stdlib")
-    corpus = Corpus.from_texts("head", [d for _, d in zip(range(30), docs)])
+    return lm, sae, Corpus.from_texts("head", [d for _, d in zip(range(30), docs)])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny):
+    """A feature index of a tiny model; every token's text is replaced by an XSS probe."""
+    lm, sae, corpus = tiny
     out = tmp_path_factory.mktemp("run")
     real = build_mod.decode_vocab
     build_mod.decode_vocab = lambda tok, ids: {int(i): f"{EVIL}{int(i)}" for i in ids}
@@ -92,6 +100,103 @@ def test_dashboard_escapes_model_text(run):
     assert (run / "tiny" / "dashboard.html").read_text().count('class="card"') == 5
 
 
+def test_top_and_uniform_examples_carry_ablated_text(run, tiny):
+    """One row for the top example and one per non-empty bin of each of the first 3 alive
+    features; every delta equals a fresh forward of the context with that token deleted."""
+    from saelab.data.tokens import pack
+    from saelab.models.hooks import capture
+
+    lm, sae, corpus = tiny
+    index = FeatureIndex.open(run / "tiny")
+    table = pq.read_table(run / "tiny" / "ablation.parquet")
+    assert tuple(table.column_names) == ABLATION_COLUMNS
+    assert index.meta["ablation"] == {"features": 3, "max_back": 16, "per_bin": 1}
+    alive = [r["feature"] for r in index.features.to_pylist() if r["count"]][:3]
+    assert sorted(set(table.column("feature").to_pylist())) == alive
+    batches = list(pack(corpus, lm.tokenizer, 24, batch_size=8, n_tokens=1500))
+    ids = torch.cat([b[0] for b in batches]).tolist()  # row = context index (one process)
+    special = torch.cat([b[1] for b in batches]).tolist()
+
+    def act(seq, pos, f):
+        with torch.no_grad(), capture(lm.model, "resid_post.1") as cap:
+            cap.run(input_ids=torch.tensor([seq]))
+            return float(sae.encode(cap["resid_post.1"][0, pos])[f])
+
+    n_uniform = 0
+    for f in alive:
+        rows = index.ablations(f)
+        examples = {(e["kind"], e["bin"], e["rank"]): e for e in index.examples(f)}
+        want = {k for k in examples if k[2] == 0}  # the top example and each bin's first
+        assert [(r["kind"], r["bin"], r["rank"]) for r in rows][0] == ("top", -1, 0)
+        assert {(r["kind"], r["bin"], r["rank"]) for r in rows} == want and len(rows) == len(want)
+        assert repr(index.ablation(f)) == repr(rows[0])  # repr: NaN deltas compare equal
+        for r in rows:
+            e = examples[(r["kind"], r["bin"], r["rank"])]
+            assert [r[k] for k in ("context", "position", "start", "token_ids", "tokens")] == \
+                   [e[k] for k in ("context", "position", "start", "token_ids", "tokens")]
+            assert len(r["deltas"]) == len(r["tokens"]) == 7
+            ctx, pos = ids[r["context"]], r["position"]
+            assert r["base"] == pytest.approx(act(ctx[:pos + 1], pos, f), abs=1e-4)
+            assert r["base"] == pytest.approx(e["act"], abs=1e-4)  # the collected activation
+            for i, d in enumerate(r["deltas"]):
+                j = r["start"] + i
+                if j >= pos or special[r["context"]][j]:
+                    assert d != d  # NaN: not deleted
+                else:
+                    want_d = act(ctx[:j] + ctx[j + 1:pos + 1], pos - 1, f) - r["base"]
+                    assert d == pytest.approx(want_d, abs=1e-4), (f, r["kind"], r["bin"], j)
+            n_uniform += r["kind"] == "bin"
+    assert n_uniform >= 3
+
+
+def test_dashboard_shows_uniform_ablated_text_and_the_lens_filter(run):
+    from saelab.report.dashboard import lens_filter_html
+
+    html = render_dashboard(run / "tiny", cards=5)
+    index = FeatureIndex.open(run / "tiny")
+    f = next(r["feature"] for r in index.features.to_pylist() if r["count"])
+    card = html.split(f'id="f{f}"')[1].split('class="card"')[0]
+    ablated = card.split("Ablated text: top and uniform examples")[1]
+    assert ablated.count('class="ex"') == len(index.ablations(f)) > 1
+    assert ">top " in ablated and ">bin " in ablated
+    assert 'id="lens-filter"' in html and "standard deviations above" in html
+    assert "padding (26)" in html  # the char tokenizer's 26 padding rows are listed
+    filt = {"rule": "r", "n_excluded": 1, "reasons": {"high_norm": {"count": 3, "examples": [EVIL]}}}
+    shown = lens_filter_html(filt)
+    assert EVIL not in shown and "&lt;img" in shown and "and 2 more" in shown
+
+
+def test_old_ablation_files_still_load(run, tmp_path):
+    """An index written before uniform examples were ablated: top rows only, no kind/bin/rank."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(run / "tiny", old)
+    table = pq.read_table(old / "ablation.parquet")
+    top = table.filter(pc.equal(table["kind"], "top")).drop_columns(["kind", "bin", "rank"])
+    pq.write_table(top, old / "ablation.parquet")
+    index = FeatureIndex.open(old)
+    f = top.column("feature")[0].as_py()
+    rows = index.ablations(f)
+    assert len(rows) == 1 and rows[0]["kind"] == "top" and rows[0]["bin"] == -1
+    assert repr(index.ablation(f)) == repr(rows[0])
+    assert "Ablated text" in render_dashboard(old, cards=5)
+    meta = json.loads((old / "index.json").read_text())
+    meta["logit_lens"]["filter"].pop("rule")  # older index.json: no rule stored
+    (old / "index.json").write_text(json.dumps(meta))
+    from saelab.app.server import make_server
+
+    srv = make_server(old, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        status, feat = call(srv, f"/api/saes/old/features/{f}")
+        assert status == 200 and feat["ablation"]["kind"] == "top" and feat["ablation_uniform"] == []
+        assert "standard deviations" in feat["lens_filter"]["rule"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 # ---------------------------------------------------------------- the JSON API
 
 
@@ -130,6 +235,12 @@ def test_api_answers(server):
     status, feat = call(server, f"/api/saes/tiny/features/{f}")
     assert status == 200 and feat["feature"] == f and feat["top"] and len(feat["bins"]) == 3
     assert feat["top"][0]["tokens"][0].startswith(EVIL)  # the API returns text; pages insert it as text
+    ablated = next(a for a in page["features"] if call(server, f"/api/saes/tiny/features/{a['feature']}")[1]["ablation"])
+    status, feat = call(server, f"/api/saes/tiny/features/{ablated['feature']}")
+    assert feat["ablation"]["kind"] == "top" and feat["ablation_uniform"]
+    bins = [r["bin"] for r in feat["ablation_uniform"]]
+    assert bins == sorted(bins, reverse=True) and all(r["kind"] == "bin" for r in feat["ablation_uniform"])
+    assert "rule" in feat["lens_filter"] and "rule" in detail["logit_lens"]["filter"]
 
 
 @pytest.mark.parametrize("path,status,words", [

@@ -150,25 +150,33 @@ class Live:
                 "activation": value}
 
     # ------------------------------------------------------------- token ablation
-    def ablation(self, key: str, index: FeatureIndex, feature: int, example: dict,
-                 context: list[int] | None) -> dict:
-        """Token ablation of the top example, in its whole context when the index has it."""
-        from saelab.features.token_ablation import token_ablation
+    def ablation(self, key: str, index: FeatureIndex, feature: int, examples: list[dict],
+                 context: list[int] | None, max_back: int = 16) -> list[dict]:
+        """Ablated text of `examples` (the top one first, then uniform ones) by the shared path
+        (features/ablated_text.py); rows as ablation.parquet's.
 
-        start, position = example["start"], example["position"]
-        ids = context if context else example["token_ids"]
-        if not context:  # an index without top_context: the window is all there is
-            start, position = 0, position - start
+        The top example runs in its whole context when the index has it (`top_context`);
+        the others in their window alone (the index keeps no other context), with the
+        window's first token as the context's start.
+        """
+        import numpy as np
+
+        from saelab.features.ablated_text import ablate_examples, as_arrays, window_rows
+
+        ex = as_arrays(examples)
+        whole = [bool(context) and e["kind"] == "top" and e["rank"] == 0 for e in examples]
+        ids = [context if w else e["token_ids"] for e, w in zip(examples, whole, strict=True)]
+        shift = np.array([0 if w else e["start"] for e, w in zip(examples, whole, strict=True)])
+        local = ex | {"position": ex["position"] - shift, "start": ex["start"] - shift}
         with self.lock:
             sae, lm = self.sae(key, index), self.lm(index.meta["model"]["name"])
             specials = set(lm.tokenizer.all_special_ids)
-            res = token_ablation(lm, sae, ids, position, feature,
-                                 special=[t in specials for t in ids], max_back=16)
-        W = len(example["token_ids"])
-        deltas: list[float | None] = [None] * W
-        for pos, d in zip(res.deleted, res.deltas, strict=True):
-            if 0 <= pos - example["start"] < W:
-                deltas[pos - example["start"]] = d
-        return {"feature": feature, "base": res.base, "tokens": example["tokens"],
-                "token_ids": example["token_ids"], "position": example["position"],
-                "start": example["start"], "deltas": deltas}
+            results = ablate_examples(lm, sae, local, ids, [[t in specials for t in r] for r in ids],
+                                      max_back=max_back)
+        rows = window_rows(local, results) | {"position": ex["position"], "start": ex["start"]}
+        out = []
+        for i, e in enumerate(examples):
+            row = {k: (v[i].tolist() if hasattr(v[i], "tolist") else v[i]) for k, v in rows.items()}
+            row |= {"kind": e["kind"], "tokens": e["tokens"], "whole_context": whole[i]}
+            out.append(row)
+        return out

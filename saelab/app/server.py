@@ -11,7 +11,7 @@ renders from the JSON API below; the README documents it.
     GET  /api/saes/NAME                              one SAE: meta, summary, eval metrics
     GET  /api/saes/NAME/features?sort=&order=&offset=&limit=&alive=   feature list
     GET  /api/saes/NAME/features/ID                  one feature: stats, examples, lens, ...
-    POST /api/saes/NAME/features/ID/ablation         live token ablation of the top example
+    POST /api/saes/NAME/features/ID/ablation         live ablated text of the top and uniform examples
     POST /api/saes/NAME/search   {"text"}            which features fire on which tokens
     POST /api/saes/NAME/steer    {"prompt", "feature", "mode", "strength", ...}
     GET  /api/scope, POST /api/scope/search, /api/scope/steer   on a scope folder (scope_routes)
@@ -62,7 +62,7 @@ from saelab.app.request import (
 )
 from saelab.app.scope_routes import ScopeRoutes
 from saelab.errors import CorruptFileError, SaelabError
-from saelab.features.index import ABLATION, EXAMPLES, FeatureIndex
+from saelab.features.index import ABLATION, EXAMPLES, FeatureIndex, lens_filter
 from saelab.scope.layout import is_scope
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,9 @@ class App:
         except (OSError, pa.ArrowException) as err:  # a page damaged inside: name the file
             raise HttpError(503, read_failed(name, index, EXAMPLES, err).message) from None
 
-    def stored_ablation(self, name: str, index: FeatureIndex, f: int) -> dict | None:
+    def stored_ablation(self, name: str, index: FeatureIndex, f: int) -> list[dict]:
         try:
-            return index.ablation(f)
+            return index.ablations(f)
         except (OSError, pa.ArrowException) as err:
             raise HttpError(503, read_failed(name, index, ABLATION, err).message) from None
 
@@ -157,7 +157,7 @@ class App:
     def sae_detail(self, name: str) -> dict:
         index = self.index(name)
         out = self.sae_summary(name, index)
-        out["logit_lens"] = index.meta["logit_lens"]
+        out["logit_lens"] = index.meta["logit_lens"] | {"filter": lens_filter(index.meta)}
         out["collection"] = index.meta["collection"]
         out["eval"] = _eval_metrics(index)
         return out
@@ -201,19 +201,27 @@ class App:
                  "examples": sorted((e for e in examples if e["kind"] == "bin" and e["bin"] == b),
                                     key=lambda e: -e["act"])}
                 for b in range(n_bins - 1, -1, -1)]
+        ablated = self.stored_ablation(name, index, f)
+        uniform = sorted((r for r in ablated if r["kind"] == "bin"), key=lambda r: (-r["bin"], r["rank"]))
         return _clean({"sae": name, **row, "top": [e for e in examples if e["kind"] == "top"],
-                       "bins": bins, "ablation": self.stored_ablation(name, index, f), "n_tokens": index.meta["tokens"],
-                       "d_sae": index.d_sae})
+                       "bins": bins, "ablation": next((r for r in ablated if r["kind"] == "top"), None),
+                       "ablation_uniform": uniform, "lens_filter": lens_filter(index.meta),
+                       "n_tokens": index.meta["tokens"], "d_sae": index.d_sae})
 
     def live_ablation(self, name: str, fid: str, body: dict) -> dict:
         index = self.index(name)
         check_keys(body, (), "live ablation")
         f = self.feature_id(index, fid)
-        top = [e for e in self.examples(name, index, f) if e["kind"] == "top"]
+        examples = self.examples(name, index, f)
+        top = [e for e in examples if e["kind"] == "top"][:1]
         if not top:
             raise HttpError(404, f"feature {f} never fired in the collected tokens: no example to ablate")
+        per_bin = index.meta.get("ablation", {}).get("per_bin", 1)
+        uniform = sorted((e for e in examples if e["kind"] == "bin" and e["rank"] < per_bin),
+                         key=lambda e: (-e["bin"], e["rank"]))
         context = index.feature(f).get("top_context")
-        return _clean(self._call(lambda: self.live.ablation(name, index, f, top[0], context)))
+        rows = self._call(lambda: self.live.ablation(name, index, f, top + uniform, context))
+        return _clean({"ablation": rows[0], "ablation_uniform": rows[1:], "live": True})
 
     def search(self, name: str, body: dict) -> dict:
         index = self.index(name)

@@ -26,6 +26,7 @@ from saelab.atomic import atomic_write_text, disk_full, fault_point
 from saelab.checks import ABSURD, PER_FEATURE, boolean, integer, number
 from saelab.errors import SaelabError
 from saelab.features import index as ix
+from saelab.features.ablated_text import ablate_examples, chosen, window_rows
 from saelab.features.collect import (
     CollectConfig,
     Collection,
@@ -37,10 +38,10 @@ from saelab.features.collect import (
 from saelab.features.logit_lens import logit_lens
 from saelab.features.neighbours import neighbours
 from saelab.features.summary import KIND_TOP, FeatureTable, summarize
-from saelab.features.token_ablation import AblationItem, ablate_many
 from saelab.models.limits import check_positions, lm_max_positions
 
 Stage = Callable[[str, int, int], None]  # (stage, done, total)
+LENS_SHOWN = 500  # left-out tokens listed per reason in index.json (SmolLM2: 35 in all)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ class IndexConfig:
     neighbours_k: int = 10
     """Nearest features by decoder cosine."""
     ablate: int = 64
-    """Features (alive, lowest ids first) whose top example gets a token ablation."""
+    """Features (alive, lowest ids first) whose examples get ablated text (token ablation)."""
+    ablate_per_bin: int = 1
+    """Uniform examples per bin (the first drawn) ablated besides the top one; 0: top only."""
     max_back: int = 16
     """Earlier tokens deleted in turn by the token ablation."""
     cards: int = 128
@@ -76,6 +79,7 @@ class IndexConfig:
         for name, low, high in (("tokens", 1, ABSURD), ("context", 2, ABSURD),
                                 ("batch_size", 1, ABSURD), ("lens_k", 1, PER_FEATURE),
                                 ("neighbours_k", 1, PER_FEATURE), ("ablate", 0, ABSURD),
+                                ("ablate_per_bin", 0, PER_FEATURE),
                                 ("max_back", 1, ABSURD), ("cards", 0, ABSURD)):
             integer(name, getattr(self, name), low=low, high=high)
         boolean("dashboard", self.dashboard)
@@ -197,31 +201,19 @@ def decode_vocab(tokenizer, ids: np.ndarray) -> dict[int, str]:
 
 def _ablation(lm, sae, table: FeatureTable, coll: Collection, config: IndexConfig,
               progress: Callable[[int, int], None]) -> dict[str, np.ndarray] | None:
-    """Token ablation of the top example of the first `config.ablate` alive features."""
+    """Ablated text of the first `config.ablate` alive features: their top example and the
+    first `config.ablate_per_bin` examples of every uniform bin (see ablated_text.py)."""
     ex = table.examples
-    top0 = np.flatnonzero((ex["kind"] == KIND_TOP) & (ex["rank"] == 0))[: config.ablate]
-    if len(top0) == 0:
+    alive = np.unique(ex["feature"][(ex["kind"] == KIND_TOP) & (ex["rank"] == 0)])[: config.ablate]
+    pick = np.flatnonzero(chosen(ex["kind"], ex["bin"], ex["rank"], per_bin=config.ablate_per_bin)
+                          & np.isin(ex["feature"], alive))
+    if len(pick) == 0:
         return None
-    rows = coll.contexts.rows(torch.from_numpy(ex["context"][top0]))
-    ids, special = coll.contexts.ids[rows], coll.contexts.special[rows]
-    items = [AblationItem(ids[i].tolist(), int(ex["position"][j]), int(ex["feature"][j]),
-                          special[i].tolist()) for i, j in enumerate(top0)]
-    results = []
-    step = 16  # examples per call, for the progress bar
-    for lo in range(0, len(items), step):
-        results += ablate_many(lm, sae, items[lo:lo + step], max_back=config.max_back)
-        progress(min(lo + step, len(items)), len(items))
-    start = ex["start"][top0]
-    W = ex["token_ids"].shape[1]
-    deltas = np.full((len(top0), W), np.nan, dtype=np.float32)
-    for i, res in enumerate(results):
-        for pos, delta in zip(res.deleted, res.deltas, strict=True):
-            if start[i] <= pos < start[i] + W:
-                deltas[i, pos - start[i]] = delta
-    return {"feature": ex["feature"][top0], "context": ex["context"][top0],
-            "position": ex["position"][top0], "start": start,
-            "base": np.array([r.base for r in results], dtype=np.float32),
-            "token_ids": ex["token_ids"][top0], "deltas": deltas}
+    sub = {k: v[pick] for k, v in ex.items()}  # sorted by feature, kind, bin, rank
+    rows = coll.contexts.rows(torch.from_numpy(sub["context"]))
+    results = ablate_examples(lm, sae, sub, coll.contexts.ids[rows], coll.contexts.special[rows],
+                              max_back=config.max_back, progress=progress)
+    return window_rows(sub, results)
 
 
 def _meta(lm, name, sae, path, coll: Collection, table: FeatureTable, lens, config: IndexConfig,
@@ -243,10 +235,12 @@ def _meta(lm, name, sae, path, coll: Collection, table: FeatureTable, lens, conf
                     "l0": float(table.count.sum() / max(table.n_tokens, 1)),
                     "median_density_alive": float(np.median(table.density[alive])) if alive.any() else 0.0,
                     "examples": len(table.examples["feature"])},
-        "logit_lens": {"k": config.lens_k, "filter": lens.filter.report(lm.tokenizer)},
+        "logit_lens": {"k": config.lens_k, "filter": {
+            "rule": ix.lens_rule(config.z_max), **lens.filter.report(lm.tokenizer, show=LENS_SHOWN)}},
         "neighbours": {"k": config.neighbours_k, "other": None if compare is None else {
             "site": compare.cfg.site, "d_sae": compare.cfg.d_sae}},
-        "ablation": {"features": config.ablate, "max_back": config.max_back},
+        "ablation": {"features": config.ablate, "max_back": config.max_back,
+                     "per_bin": min(config.ablate_per_bin, config.collect.per_bin)},
         "seconds": seconds,
     }
 

@@ -7,7 +7,8 @@ A feature index folder (one per SAE) holds::
                         the logit-lens token filter report, timings
     features.parquet    one row per feature (FEATURE_COLUMNS)
     examples.parquet    one row per example, sorted by feature (EXAMPLE_COLUMNS)
-    ablation.parquet    token ablation of the top example of some features (ABLATION_COLUMNS)
+    ablation.parquet    ablated text of the top and uniform examples of some features
+                        (ABLATION_COLUMNS; older indexes: top examples only, no kind/bin/rank)
     dashboard.html      the static dashboard (report/dashboard.py)
 
 The set is written together by `write_index`: into a fresh folder beside the
@@ -44,8 +45,25 @@ FEATURE_COLUMNS = ("feature", "count", "density", "mean_act", "max_act", "hist",
                    "other_neighbours", "other_neighbour_cos", "top_context", "label")
 EXAMPLE_COLUMNS = ("feature", "kind", "bin", "rank", "act", "context", "position", "start",
                    "token_ids", "tokens", "acts")
-ABLATION_COLUMNS = ("feature", "context", "position", "start", "base", "token_ids", "tokens",
-                    "deltas")
+ABLATION_COLUMNS = ("feature", "kind", "bin", "rank", "context", "position", "start", "base",
+                    "token_ids", "tokens", "deltas")
+# Indexes written before uniform examples were ablated have no kind/bin/rank: one top row each.
+ABLATION_OLD = {"kind": "top", "bin": -1, "rank": 0}
+
+
+def lens_rule(z_max: float) -> str:
+    """The logit lens's token filter, in words (index.json logit_lens.filter.rule)."""
+    return (f"Token rows left out of the unembedding: rows whose norm is more than {z_max:g} standard "
+            "deviations above the vocabulary's mean (high_norm: they would top every feature's lens; "
+            "on BPE vocabularies mostly word pieces always merged further, which text never uses) "
+            f"or more than {z_max:g} below it (low_norm: rows training barely moved, tokens never "
+            "used), and padding rows with no token (padding).")
+
+
+def lens_filter(meta: dict) -> dict:
+    """index.json's logit_lens.filter with its `rule` (older indexes do not store it)."""
+    filt = meta["logit_lens"]["filter"]
+    return {"rule": lens_rule(filt.get("z_max", 5.0))} | filt
 
 
 class NotAnIndexError(Exception):
@@ -129,9 +147,15 @@ def write_examples(folder: Path, ex: dict[str, np.ndarray], vocab: dict[int, str
 
 
 def write_ablation(folder: Path, rows: dict[str, np.ndarray], vocab: dict[int, str]) -> Path:
-    """rows: feature, context, position, start, base [A]; token_ids, deltas [A, W] (NaN = kept)."""
+    """rows: feature, kind, bin, rank, context, position, start, base [A]; token_ids, deltas
+    [A, W] (NaN = kept). Sorted by feature, then top before bins, as examples.parquet."""
+    order = np.lexsort((rows["rank"], rows["bin"], rows["kind"], rows["feature"]))
+    rows = {k: v[order] for k, v in rows.items()}
     table = pa.table({
         "feature": pa.array(rows["feature"].astype(np.int32)),
+        "kind": pa.DictionaryArray.from_arrays(pa.array(rows["kind"].astype(np.int32)), pa.array(KINDS)),
+        "bin": pa.array(rows["bin"].astype(np.int16)),
+        "rank": pa.array(rows["rank"].astype(np.int32)),
         "context": pa.array(rows["context"].astype(np.int64)),
         "position": pa.array(rows["position"].astype(np.int32)),
         "start": pa.array(rows["start"].astype(np.int32)),
@@ -234,12 +258,18 @@ class FeatureIndex:
         """The examples of feature f (top first, then bins), as dicts."""
         return _rows_for(self.folder / EXAMPLES, f, self)
 
-    def ablation(self, f: int) -> dict | None:
+    def ablations(self, f: int) -> list[dict]:
+        """The ablated text of feature f's examples: the top one first, then the bins in
+        ascending order (kind, bin, rank as in examples.parquet); [] if none was stored."""
         path = self.folder / ABLATION
         if not path.is_file():
-            return None
-        table = pq.read_table(path, filters=[("feature", "=", f)])
-        return {k: v[0] for k, v in table.to_pydict().items()} if table.num_rows else None
+            return []
+        rows = pq.read_table(path, filters=[("feature", "=", f)]).to_pylist()
+        return [ABLATION_OLD | r for r in rows]
+
+    def ablation(self, f: int) -> dict | None:
+        """The ablated text of feature f's top example, or None."""
+        return next((r for r in self.ablations(f) if r["kind"] == "top"), None)
 
 
 def _rows_for(path: Path, f: int, idx: FeatureIndex) -> list[dict]:

@@ -6,7 +6,8 @@ The page holds a sortable list of every feature (density, max and mean
 activation, label) and a card for `cards` features (alive ones, lowest ids
 first, plus any asked for): activation histogram, top examples with each token
 shaded by the feature's activation, examples from equal-width activation bins,
-logit lens, nearest features and the token ablation of the top example. Cards
+logit lens, nearest features and the ablated text of the top example and of the
+first uniform example of every bin (for the `--ablate` features that have it). Cards
 are capped because a card is ~30 kB: 16k of them would make a 500 MB page
 (`saelab serve` shows any feature).
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from saelab.features.index import EXAMPLES, FeatureIndex
+from saelab.features.index import EXAMPLES, FeatureIndex, lens_filter
 from saelab.report.html import CSS, Markup, esc, fmt, write_page
 
 DASH_CSS = """
@@ -125,21 +126,34 @@ def _neighbours(feat: dict, cards: set[int]) -> Markup:
     return Markup("".join(parts))
 
 
-def _ablation(ab: dict | None) -> Markup:
-    if ab is None:
-        return Markup('<p class="muted">not computed for this feature (see `--ablate`).</p>')
-    deltas = [None if d is None or math.isnan(d) else d for d in ab["deltas"]]
-    scale = max((abs(d) for d in deltas if d is not None), default=0.0)
+def _ablation_row(ab: dict) -> Markup:
+    deltas = [float("nan") if d is None else d for d in ab["deltas"]]
+    scale = max((abs(d) for d in deltas if not math.isnan(d)), default=0.0)
     # Deleting a token that drives the feature lowers it: negative deltas show blue.
-    spans = token_spans(ab["tokens"], [d if d is not None else float("nan") for d in deltas],
-                        scale, ab["position"] - ab["start"], label="change")
-    return Markup(f'<p class="muted">activation {fmt(float(ab["base"]), 3)} at the outlined token; '
-                  f"each earlier token shaded by the change when it is deleted (blue: lower).</p>"
-                  f'<div class="ex">{spans}</div>')
+    spans = token_spans(ab["tokens"], deltas, scale, ab["position"] - ab["start"], label="change")
+    what = "top" if ab.get("kind", "top") == "top" else f"bin {ab['bin']}"
+    return Markup(f'<div class="ex"><span class="a" title="{esc(what)}: activation with nothing '
+                  f'deleted">{esc(what)} {esc(fmt(float(ab["base"]), 3))}</span>{spans}</div>')
 
 
-def card(feat: dict, examples: list[dict], ablation: dict | None, cards: set[int],
-         n_bins: int) -> Markup:
+def _ablation(rows: Sequence[dict]) -> Markup:
+    """Ablated text of the top example, then of the uniform examples from the highest bin down."""
+    if not rows:
+        return Markup('<p class="muted">not computed for this feature (see `--ablate`).</p>')
+    rows = sorted(rows, key=lambda r: (r.get("kind", "top") != "top", -r.get("bin", -1), r.get("rank", 0)))
+    return Markup('<p class="muted">each earlier token shaded by the change of the activation at '
+                  "the outlined token when it is deleted (blue: lower); the number is the activation "
+                  f"with nothing deleted.</p>{''.join(_ablation_row(r) for r in rows)}")
+
+
+LENS_LINK = ('<p class="muted">abnormal token rows left out: '
+             '<a href="#lens-filter">the rule and the list</a></p>')
+
+
+def card(feat: dict, examples: list[dict], ablation: Sequence[dict], cards: set[int],
+         n_bins: int, lens_link: bool = True) -> Markup:
+    """A feature's card; `ablation`: its ablated-text rows (FeatureIndex.ablations);
+    `lens_link`: link to the page's #lens-filter (the dashboard's summary has it)."""
     f, top = feat["feature"], float(feat["max_act"] or 0.0)
     label = f" — {esc(feat['label'])}" if feat.get("label") else ""
     tops = [e for e in examples if e["kind"] == "top"]
@@ -157,11 +171,11 @@ def card(feat: dict, examples: list[dict], ablation: dict | None, cards: set[int
         f'<p>density {fmt(feat["density"], 3)} · max {fmt(top, 3)} · mean when active '
         f'{fmt(mean, 3) if mean is not None else "–"} · {fmt(int(feat["count"]))} firings</p>'
         f'<div class="cols"><div><h3>Activations</h3>{svg_histogram(feat["hist"], top)}</div>'
-        f'<div><h3>Logit lens</h3>{_lens(feat)}</div></div>'
+        f'<div><h3>Logit lens</h3>{_lens(feat)}{LENS_LINK if lens_link else ""}</div></div>'
         f'<h3>Top examples</h3>{_examples(tops, top)}'
         f'<h3>Examples by activation bin</h3>{"".join(bins) or "<p class=muted>none</p>"}'
         f'<h3>Nearest features</h3>{_neighbours(feat, cards)}'
-        f'<h3>Token ablation of the top example</h3>{_ablation(ablation)}</div>')
+        f'<h3>Ablated text: top and uniform examples</h3>{_ablation(ablation)}</div>')
 
 
 def feature_list(index: FeatureIndex, cards: set[int]) -> Markup:
@@ -195,7 +209,7 @@ def render_dashboard(folder: str | os.PathLike, *, cards: int = 128, features: I
         by_feature.setdefault(e["feature"], []).append(e)
     n_bins = meta["collection"]["config"]["n_bins"]
     body = [_summary(meta, len(chosen)), "<h2>Features</h2>", feature_list(index, chosen_set)]
-    body += [card(index.feature(f), by_feature.get(f, []), index.ablation(f), chosen_set, n_bins)
+    body += [card(index.feature(f), by_feature.get(f, []), index.ablations(f), chosen_set, n_bins)
              for f in chosen]
     sae = meta["sae"]
     title = f"Features of {meta['name']}"
@@ -209,14 +223,22 @@ def render_dashboard(folder: str | os.PathLike, *, cards: int = 128, features: I
 
 def _summary(meta: dict, n_cards: int) -> Markup:
     s = meta["summary"]
-    filt = meta["logit_lens"]["filter"]
-    reasons = ", ".join(f"{r}: {v['count']}" for r, v in filt["reasons"].items()) or "none"
     return Markup(
         f"<p>{fmt(meta['tokens'])} tokens of {esc(meta['collection'].get('corpus'))} · "
         f"L0 {fmt(s['l0'], 3)} · {fmt(s['alive'])} alive, {fmt(s['dead'])} dead, "
         f"{fmt(s['dense'])} with density &gt; 0.1 · cards below for {n_cards} features</p>"
-        f"<p class=\"muted\">Logit lens leaves out {fmt(filt['n_excluded'])} token rows "
-        f"({esc(reasons)}).</p>")
+        f"{lens_filter_html(lens_filter(meta))}")
+
+
+def lens_filter_html(filt: dict) -> Markup:
+    """The logit lens's token filter: its rule and every token left out (as index.json lists)."""
+    parts = []
+    for reason, v in filt["reasons"].items():
+        shown = ", ".join(f"<code>{esc(show_token(str(t)))}</code>" for t in v["examples"])
+        more = f" and {fmt(v['count'] - len(v['examples']))} more" if v["count"] > len(v["examples"]) else ""
+        parts.append(f"<li>{esc(reason)} ({fmt(v['count'])}): {shown}{more}</li>")
+    return Markup(f'<div id="lens-filter"><h3>Logit lens: {fmt(filt["n_excluded"])} token rows left '
+                  f'out</h3><p class="muted">{esc(filt["rule"])}</p><ul>{"".join(parts)}</ul></div>')
 
 
 def write_dashboard(folder: str | os.PathLike, *, cards: int = 128,

@@ -396,8 +396,8 @@ def _ablation(lm, cfg, saes, indexes: dict[str, Path], feat: Point, acts: dict, 
         return json.loads(path.read_text())
     from saelab.data.corpus import load_corpus
     from saelab.data.tokens import pack
+    from saelab.features.ablated_text import ablate_examples, as_arrays, chosen
     from saelab.features.index import FeatureIndex
-    from saelab.features.token_ablation import AblationItem, ablate_many
 
     wanted: dict[str, list[int]] = {feat.label: [r["feature"] for r in acts["recurring"]["features"]
                                                  [:cfg.featured]]}
@@ -417,18 +417,17 @@ def _ablation(lm, cfg, saes, indexes: dict[str, Path], feat: Point, acts: dict, 
     for label, feats in wanted.items():
         index = FeatureIndex.open(indexes[label])
         for f in dict.fromkeys(feats):
+            # the same examples as `saelab features` ablates: the top one, the first of each bin
             examples = index.examples(f)
-            chosen = [e for e in examples if e["kind"] == "top"][:1]
-            by_bin: dict[int, dict] = {}
-            for e in examples:
-                if e["kind"] == "bin" and e["bin"] not in by_bin:
-                    by_bin[e["bin"]] = e
-            chosen += [by_bin[b] for b in sorted(by_bin, reverse=True)]
-            items = [AblationItem(ids_all[e["context"]].tolist(), int(e["position"]), f,
-                                  special_all[e["context"]].tolist()) for e in chosen]
-            res = ablate_many(lm, saes[label], items, max_back=cfg.max_back)
+            ex = as_arrays(examples)
+            pick = np.flatnonzero(chosen(ex["kind"], ex["bin"], ex["rank"], per_bin=1)).tolist()
+            pick.sort(key=lambda i: (examples[i]["kind"] != "top", -examples[i]["bin"]))
+            picked = [examples[i] for i in pick]
+            ctx_rows = torch.tensor([e["context"] for e in picked], dtype=torch.long)
+            res = ablate_examples(lm, saes[label], {k: v[pick] for k, v in ex.items()},
+                                  ids_all[ctx_rows], special_all[ctx_rows], max_back=cfg.max_back)
             rows = []
-            for e, r in zip(chosen, res, strict=True):
+            for e, r in zip(picked, res, strict=True):
                 ctx = ids_all[e["context"]][: r.position + 1].tolist()
                 deltas = [None] * len(ctx)
                 for p_, d in zip(r.deleted, r.deltas, strict=True):

@@ -273,40 +273,21 @@ def make_figures(cfg, results: dict) -> dict[str, bytes]:
 # ------------------------------------------------------------------ HTML
 
 
-def _ablation_html(rows: list[dict]) -> Markup:
-    from saelab.report.dashboard import token_spans
-
-    parts = []
-    for r in rows:
-        deltas = [float("nan") if d is None else d for d in r["deltas"]]
-        scale = max((abs(d) for d in deltas if d == d), default=0.0)
-        what = "top example" if r["kind"] == "top" else f"uniform example, bin {r['bin']}"
-        rel = "–" if r["max_rel_change"] is None else f"{r['max_rel_change']:.0%}"
-        parts.append(f'<div class="ex"><span class="a">{esc(what)}: {esc(fmt(r["base"], 3))}, '
-                     f'largest change {esc(rel)}</span> '
-                     f'{token_spans(r["tokens"], deltas, scale, r["position"], label="change")}</div>')
-    return Markup("".join(parts))
-
-
 def feature_card(index_folder: Path | None, f: int, abl: list[dict] | None) -> Markup:
     """A feature's dashboard card (top and uniform examples, logit lens, neighbours) from its
-    index, followed by the ablated text of its top and uniform examples."""
+    index, with the ablated text of its top and uniform examples (`abl`: the study's rows, in
+    whole contexts; without them the index's)."""
     from saelab.features.index import FeatureIndex
     from saelab.report.dashboard import card
 
     if index_folder is None:
         return Markup("")
     index = FeatureIndex.open(index_folder)
-    top_ab = None
-    if abl:
-        t = next((r for r in abl if r["kind"] == "top"), None)
-        if t is not None:
-            top_ab = {"tokens": t["tokens"], "position": t["position"], "start": 0, "base": t["base"],
-                      "deltas": [float("nan") if d is None else d for d in t["deltas"]]}
-    html = card(index.feature(f), index.examples(f), top_ab, set(),
-                index.meta["collection"]["config"]["n_bins"])
-    extra = (f"<h3>Ablated text: top and uniform examples</h3>{_ablation_html(abl)}" if abl else "")
-    return Markup(f'<div class="fc"><p class="muted">{esc(index.meta["name"])}</p>{html}{extra}</div>')
+    # The card's ablated text: the study's rows (whole contexts) when it has them, else the index's.
+    rows = [r | {"start": 0} for r in abl] if abl else index.ablations(f)
+    html = card(index.feature(f), index.examples(f), rows, set(),
+                index.meta["collection"]["config"]["n_bins"], lens_link=False)
+    return Markup(f'<div class="fc"><p class="muted">{esc(index.meta["name"])}</p>{html}</div>')
 
 
 def render(result: dict, figs: Mapping[str, bytes], indexes: Mapping[str, Path], evals: dict,

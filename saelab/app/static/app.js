@@ -168,14 +168,14 @@ async function featurePage(name, fid) {
       ...f[k].flatMap((n, i) => [link ? el("a", {href: featureUrl(name, n)}, n) : String(n),
                                  ` (${fmt(f[k.replace("neighbours", "neighbour_cos")][i], 2)}) `]))));
   const ablation = el("div", {id: "ablation"});
-  renderAblation(ablation, f.ablation, name, f.feature);
+  renderAblation(ablation, f, name, f.feature);
   main.replaceChildren(
     el("h1", {id: "feature-title"}, `Feature ${f.feature}` + (f.label ? " — " + f.label : "")),
     el("p", {}, `density ${fmt(f.density)} · max ${fmt(top)} · mean when active ${fmt(f.mean_act)} · `
                 + `${fmt(f.count)} firings in ${fmt(f.n_tokens)} tokens · `,
        el("a", {href: saeUrl(name) + "/steer?feature=" + f.feature}, "steer with it")),
     el("div", {class: "cols"}, el("div", {}, el("h3", {}, "Activations"), histogram(f.hist, top)),
-       el("div", {}, el("h3", {}, "Logit lens"), lens)),
+       el("div", {}, el("h3", {}, "Logit lens"), lens, lensFilter(f.lens_filter))),
     el("h3", {}, "Top examples"),
     el("div", {id: "top-examples"}, ...(f.top.length ? f.top.map((e) => example(e, top)) : [el("p", {class: "muted"}, "never fired")])),
     el("h3", {}, "Examples by activation bin"),
@@ -183,11 +183,24 @@ async function featurePage(name, fid) {
       el("h4", {}, `bin ${b.bin} [${fmt(b.lo)}, ${fmt(b.hi)}): ${fmt(b.count)} firings`),
       ...b.examples.map((e) => example(e, top))))),
     el("h3", {}, "Nearest features"), neigh,
-    el("h3", {}, "Token ablation of the top example"), ablation);
+    el("h3", {}, "Ablated text: top and uniform examples"), ablation);
 }
 
-function renderAblation(where, ab, name, feature) {
-  if (!ab) {
+// The logit lens's token filter: the rule and every token row it leaves out.
+function lensFilter(filt) {
+  if (!filt) return null;
+  return el("details", {id: "lens-filter"},
+    el("summary", {class: "muted"}, `${fmt(filt.n_excluded)} abnormal token rows left out`),
+    el("p", {class: "muted"}, filt.rule),
+    el("ul", {}, ...Object.entries(filt.reasons).map(([reason, v]) => el("li", {},
+      `${reason} (${fmt(v.count)}): `, ...v.examples.flatMap((t, i) => [i ? ", " : "", el("code", {}, showToken(String(t)))]),
+      v.count > v.examples.length ? ` and ${fmt(v.count - v.examples.length)} more` : ""))));
+}
+
+// Ablated text: data.ablation (the top example) and data.ablation_uniform (one row per
+// uniform example, highest bin first), stored in the index or computed live.
+function renderAblation(where, data, name, feature) {
+  if (!data.ablation) {
     const btn = el("button", {id: "ablate", onclick: async () => {
       btn.disabled = true; btn.textContent = "computing…";
       try { renderAblation(where, await api(`saes/${enc(name)}/features/${feature}/ablation`, {}), name, feature); }
@@ -196,11 +209,19 @@ function renderAblation(where, ab, name, feature) {
     where.replaceChildren(el("p", {class: "muted"}, "not stored for this feature. "), btn);
     return;
   }
-  const scale = Math.max(0, ...ab.deltas.filter((d) => d !== null).map(Math.abs));
+  const rows = [data.ablation, ...(data.ablation_uniform || [])].map((ab) => {
+    const scale = Math.max(0, ...ab.deltas.filter((d) => d !== null).map(Math.abs));
+    const what = ab.kind === "bin" ? `bin ${ab.bin}` : "top";
+    return el("div", {class: "ex " + (ab.kind === "bin" ? "ablation-bin" : "ablation-top")},
+      el("span", {class: "a", title: `${what}: activation with nothing deleted`}, `${what} ${fmt(ab.base)}`),
+      tokens(ab.tokens, ab.deltas, scale, ab.position - ab.start, "change"));
+  });
+  const windowOnly = data.live && (data.ablation_uniform || []).length
+    ? " Computed now: the uniform examples in their shown window alone (the index keeps whole contexts only for top examples)." : "";
   where.replaceChildren(
-    el("p", {class: "muted"}, `activation ${fmt(ab.base)} at the outlined token; each earlier token `
-       + "is shaded by the change when it is deleted (blue: the feature drops)." + (ab.note ? " " + ab.note : "")),
-    el("div", {class: "ex"}, tokens(ab.tokens, ab.deltas, scale, ab.position - ab.start, "change")));
+    el("p", {class: "muted"}, "Each earlier token is shaded by the change of the activation at the outlined token "
+       + "when it is deleted (blue: the feature drops); the number is the activation with nothing deleted." + windowOnly),
+    ...rows);
 }
 
 async function searchPage(name) {
