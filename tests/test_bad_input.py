@@ -43,6 +43,7 @@ ALLOWED = {
     ("features", "--left", "zero"): "0 tokens shown before the example",
     ("features", "--right", "zero"): "0 tokens shown after it",
     ("features", "--ablate", "zero"): "0: no token ablation",
+    ("features", "--ablate-per-bin", "zero"): "0: ablated text of top examples only (documented)",
     ("features", "--cards", "zero"): "0: no cards in dashboard.html",
     ("generate", "--feature", "zero"): "feature 0 exists in every SAE",
     ("generate", "--strength", "zero"): "add 0 / clamp to 0 are edits",

@@ -208,7 +208,8 @@ def test_study_end_to_end_with_interruption_and_resume(tmp_path):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
     assert "The original&#x27;s claims" in html and "<script" not in html.split("<body>")[0]
-    assert "uniform example, bin" in html  # ablated text of uniform examples
+    ablated = html.split("Ablated text: top and uniform examples")  # in each feature card
+    assert len(ablated) > 1 and all(">bin " in part.split('class="card"')[0] for part in ablated[1:])
     assert set(result["connection_sites"]) == {"resid_post.1", "mlp_out.1"}
     conn = json.loads((out / "connections.json").read_text())["connections"]["pairs"]
     assert set(conn) == {"resid_post.1", "mlp_out.1"}

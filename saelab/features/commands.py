@@ -120,7 +120,8 @@ def register(app: typer.Typer) -> None:
         per_bin: Annotated[int, typer.Option(help="Examples drawn per bin.")] = 5,
         left: Annotated[int, typer.Option(help="Tokens shown before an example's token.")] = 16,
         right: Annotated[int, typer.Option(help="Tokens shown after it.")] = 8,
-        ablate: Annotated[int, typer.Option(help="Features whose top example gets a token ablation.")] = 64,
+        ablate: Annotated[int, typer.Option(help="Features whose top and uniform examples get ablated text (token ablation).")] = 64,
+        ablate_per_bin: Annotated[int, typer.Option(help="Uniform examples per bin ablated besides the top one (0: top only).")] = 1,
         cards: Annotated[int, typer.Option(help="Feature cards in dashboard.html (the list has all).")] = 128,
         compare: Annotated[Path | None, typer.Option("--compare-sae", help="Another SAE for cross-SAE neighbours.")] = None,
         seed: Annotated[int, typer.Option(help="Seed of the bin sampling.")] = 0,
@@ -128,14 +129,15 @@ def register(app: typer.Typer) -> None:
         json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
     ) -> None:
         """Feature dashboards: top and binned examples, histograms, logit lens, neighbours,
-        token ablation, as Parquet tables plus a static dashboard.html per SAE.
+        ablated text of top and uniform examples, as Parquet tables plus a static
+        dashboard.html per SAE.
 
         Under `torchrun --nproc-per-node N -m saelab features ...` each rank
         collects its share of the corpus and rank 0 merges the parts.
         """
         settings = dict(tokens=tokens, corpus=corpus, context=context, batch_size=batch_size,
                         top_k=top_k, n_bins=bins, per_bin=per_bin, left=left, right=right,
-                        ablate=ablate, cards=cards, seed=seed)
+                        ablate=ablate, ablate_per_bin=ablate_per_bin, cards=cards, seed=seed)
         index_config(**settings)  # checked before anything is loaded
         bar = None  # started at the first stage, so an error before it is one line
         tasks: dict[str, Any] = {}
