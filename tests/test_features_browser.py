@@ -108,6 +108,26 @@ def test_steering_side_by_side(page, base_url):
     shot(page, "steer")
 
 
+def test_stored_ablated_text_of_top_and_uniform_examples(page, base_url, run_dir):
+    from saelab.features.index import FeatureIndex
+
+    index = FeatureIndex.open(run_dir / "l3")
+    f = pq_rows(run_dir / "l3" / "ablation.parquet")[0]["feature"]
+    rows = index.ablations(f)
+    page.goto(f"{base_url}/sae/l3/feature/{f}")
+    page.wait_for_selector("#ablation .ex")
+    assert page.locator("#ablation .ablation-top").count() == 1
+    n_bins = sum(r["kind"] == "bin" for r in rows)
+    assert n_bins >= 1 and page.locator("#ablation .ablation-bin").count() == n_bins
+    labels = page.locator("#ablation .ablation-bin .a").all_inner_texts()
+    assert [t.split()[:2] for t in labels] == [["bin", str(r["bin"])] for r in
+                                               sorted(rows[1:], key=lambda r: -r["bin"])]
+    page.click("#lens-filter summary")  # the logit lens's filter: rule and tokens left out
+    filt = page.inner_text("#lens-filter")
+    assert "standard deviations" in filt and "high_norm (" in filt
+    shot(page, "ablation-stored")
+
+
 def test_live_token_ablation(page, base_url, run_dir):
     from saelab.features.index import FeatureIndex
 
@@ -118,7 +138,39 @@ def test_live_token_ablation(page, base_url, run_dir):
     page.click("#ablate")
     page.wait_for_selector("#ablation .ex", timeout=120_000)
     assert "activation" in page.inner_text("#ablation")
+    n_bins = len({e["bin"] for e in index.examples(f) if e["kind"] == "bin"})
+    assert page.locator("#ablation .ablation-bin").count() == n_bins  # uniform examples too
+    assert "window alone" in page.inner_text("#ablation")
     shot(page, "ablation")
+
+
+def test_ablated_text_is_shown_as_text(page, tmp_path):
+    """Every token of a tiny model's index is markup: the ablated text shows it, never runs it."""
+    from tiny_lm import tiny_lm
+    from tiny_models import tiny_sae
+
+    from saelab.data.corpus import Corpus, load_corpus
+    from saelab.features import build as build_mod
+    from saelab.features.build import IndexConfig, build_index
+    from saelab.features.collect import CollectConfig
+
+    lm = tiny_lm("llama")
+    sae = tiny_sae(lm.model, "resid_post.1", "topk", d_sae=24)
+    corpus = Corpus.from_texts("head", [d for _, d in zip(range(30), load_corpus("builtin:stdlib"))])
+    real = build_mod.decode_vocab
+    build_mod.decode_vocab = lambda tok, ids: {int(i): f"{EVIL}{int(i)}" for i in ids}
+    try:
+        build_index(lm, {"tiny": (sae, None)}, tmp_path, IndexConfig(
+            tokens=600, corpus=corpus, context=24, batch_size=8, ablate=1, cards=1, dashboard=False,
+            collect=CollectConfig(top_k=2, n_bins=3, per_bin=1, left=4, right=2)))
+    finally:
+        build_mod.decode_vocab = real
+    f = pq_rows(tmp_path / "tiny" / "ablation.parquet")[0]["feature"]
+    with served(tmp_path) as url:
+        page.goto(f"{url}/sae/tiny/feature/{f}")
+        page.wait_for_selector("#ablation .ablation-bin")
+        assert EVIL in page.inner_text("#ablation")  # the markup, as text
+        assert page.locator("#ablation img").count() == 0 and page.dialogs == []
 
 
 def pq_rows(path):

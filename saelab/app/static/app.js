@@ -213,7 +213,7 @@ function renderAblation(where, data, name, feature) {
     const scale = Math.max(0, ...ab.deltas.filter((d) => d !== null).map(Math.abs));
     const what = ab.kind === "bin" ? `bin ${ab.bin}` : "top";
     return el("div", {class: "ex " + (ab.kind === "bin" ? "ablation-bin" : "ablation-top")},
-      el("span", {class: "a", title: `${what}: activation with nothing deleted`}, `${what} ${fmt(ab.base)}`),
+      el("span", {class: "a ab", title: `${what}: activation with nothing deleted`}, `${what} ${fmt(ab.base)}`),
       tokens(ab.tokens, ab.deltas, scale, ab.position - ab.start, "change"));
   });
   const windowOnly = data.live && (data.ablation_uniform || []).length
