@@ -5,6 +5,7 @@
     logit_lens.py           decoder directions through the final norm and the unembedding
     neighbours.py           nearest features by decoder cosine
     token_ablation.py       how each earlier token moves a feature (ablated text)
+    ablated_text.py         which examples get ablated text (top and uniform), as index rows
     index.py                the Parquet feature index (pyarrow only, no torch)
     build.py                all of the above for `saelab features`
 
