@@ -31,7 +31,7 @@ from saelab.report.html import CSS, Markup, esc, fmt, write_page
 DASH_CSS = """
 .tok{white-space:pre;border-radius:2px;padding:0 1px;font-family:ui-monospace,monospace;font-size:12.5px}
 .ex{margin:.15em 0;line-height:1.9}.ex .a{color:#5a6270;font-size:.85em;display:inline-block;width:5em}
-.ex .a.ab{width:7.5em}
+.ex .a.ab{width:7.5em}#lens-filter code{white-space:pre}
 .focus{outline:1.5px solid #222}.card{border:1px solid #dde;border-radius:6px;padding:.6em 1em;margin:1.2em 0}
 .cols{display:flex;flex-wrap:wrap;gap:2em}.muted{color:#5a6270}
 table.list td,table.list th{padding:.1em .6em}th.sort{cursor:pointer}
