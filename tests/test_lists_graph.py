@@ -80,6 +80,10 @@ def test_the_graph_stage_runs_end_to_end(graph_run):
         # every ablated regeneration carries the set it zeroed
         for arm in G.ARMS:
             assert log.get((arm, c["index"]))["pairs"] == c[arm]
+    # the zeroing reaches the regenerations (same seed and prefix as the control); on this
+    # random model a change at the last position rarely flips a sampled token, one earlier does
+    assert any(log.get((arm, c["index"]))["new_tokens"] != log.get(("control", c["index"]))["new_tokens"]
+               for c in choices for arm in G.ARMS)
     run = json.loads((out / "run.json").read_text())
     assert run["graph"]["examples"] == 3 and "graphs" in run["seconds"]
     html = (out / "report.html").read_text()
@@ -276,3 +280,13 @@ def test_transcoders_of_another_width_or_nowhere_are_refused_before_any_stage(tm
         L.run_lists(small_config(), tmp_path / "c", no_stage, lm=lm,
                     graph=graph_cfg(tmp_path / "missing"))
     assert os.listdir(tmp_path / "c") == ["config.json"]
+
+
+def test_the_terminal_summary_gives_the_verdict(graph_run):
+    from saelab.studies.lists_commands import graph_lines
+
+    _, _, _, results = graph_run
+    lines = graph_lines(results["graph"])
+    assert lines[-1] == results["graph"]["verdict"]["text"]
+    assert lines[0].startswith("graphs (3 lists, top 3 transcoder features zeroed)")
+    assert graph_lines(None) == []

@@ -94,7 +94,8 @@ class _Sampling:
 
 def generate(lm: Any, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
              max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-             seeds: int | Sequence[int] = 0, edits: Iterable[Edit | TranscoderEdit] | None = (), saes: SAEs = None,
+             seeds: int | Sequence[int] = 0, edits: Iterable[Edit | TranscoderEdit] | None = (),
+             saes: SAEs = None,
              keep_error: bool = True, record_features: bool | str | Sequence[str] = False,
              top_features: int = 16, chat: bool = False, stop_at_eos: bool = True,
              batch_size: int = 16, use_cache: bool = True, tokenizer: Any = None,

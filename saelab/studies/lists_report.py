@@ -124,7 +124,8 @@ def _summary(results: Mapping) -> Markup:
                      f"pairs where both lists ended: {_mean_ci(contrast.get('uncensored'))} distinct")
         lines.append(text + ".")
     if (results.get("graph") or {}).get("verdict"):
-        lines.append(results["graph"]["verdict"]["text"][:1].upper() + results["graph"]["verdict"]["text"][1:] + ".")
+        text = results["graph"]["verdict"]["text"]
+        lines.append(text[:1].upper() + text[1:] + ".")
     if not lines:
         return Markup()
     rule = next((s.get("verdict", {}).get("rule") for s in (results.get("saes") or {}).values()
@@ -327,7 +328,7 @@ def _graph(g: Mapping | None) -> Markup:
         lists,
         notes([f"Verdict rule: {(g.get('verdict') or {}).get('rule', '–')}. Graph influence is "
                "unsigned, so the graph's set may hold features that delay the end; the last two "
-               "columns give each set's summed attribution. `saelab serve` on the run folder "
+               "columns give each set's summed attribution. saelab serve on the run folder "
                "shows the graphs."]))
 
 
