@@ -68,6 +68,9 @@ def test_the_graph_stage_runs_end_to_end(graph_run):
     for c in choices:
         folder = out / c["folder"]
         assert (folder / "neuronpedia.json").is_file() and (folder / "record.json").is_file()
+        # the graph's target is the study's metric (logit(end) - logit("\n") at the last item)
+        assert c["graph_target"] == pytest.approx(c["metric"], abs=1e-4)
+        assert json.loads((folder / "record.json").read_text())["targets"][0]["label"].startswith("logit_diff:")
         for arm in G.ARMS:
             assert 1 <= len(c[arm]) <= 3
             assert all(p["pos"] >= 1 for p in c[arm])

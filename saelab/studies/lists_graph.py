@@ -101,7 +101,8 @@ def load_graph_transcoders(lm: Any, gcfg: GraphStudyConfig) -> Any:
     tset = load_transcoders(path)
     tset.check_model(n_layers=lm.arch.n_layers, d_model=lm.arch.d_model,
                      model_name=getattr(lm, "name", None))
-    return tset.to(next(lm.model.parameters()).dtype).eval()
+    param = next(lm.model.parameters())
+    return tset.to(device=param.device, dtype=param.dtype).eval()
 
 
 def check_graph_config(gcfg: GraphStudyConfig, folder: Path) -> None:
