@@ -293,3 +293,25 @@ def test_the_terminal_summary_gives_the_verdict(graph_run):
     assert lines[-1] == results["graph"]["verdict"]["text"]
     assert lines[0].startswith("graphs (3 lists, top 3 transcoder features zeroed)")
     assert graph_lines(None) == []
+
+
+def test_the_command_line_passes_the_graph_options(graph_run, tmp_path, monkeypatch):
+    """`saelab study lists --graph ...` builds the GraphStudyConfig and prints the verdict."""
+    from saelab.cli import app
+    from saelab.studies import lists_commands
+
+    _, out, tc, results = graph_run
+    seen = {}
+
+    def fake_run(cfg, folder, *, json=False, graph=None):
+        seen.update(cfg=cfg, graph=graph)
+        return results
+
+    monkeypatch.setattr(lists_commands, "run_with_progress", fake_run)
+    result = CliRunner().invoke(app, ["study", "lists", "--out", str(out), "--graph", "--transcoders",
+                                      str(tc), "--graph-examples", "5", "--graph-features", "64",
+                                      "--ablate", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen["graph"] == G.GraphStudyConfig(str(tc), examples=5, max_features=64)
+    assert seen["cfg"].ablate == 3
+    assert results["graph"]["verdict"]["text"] in " ".join(result.output.split())
