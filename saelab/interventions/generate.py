@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,6 +40,7 @@ from saelab.data.tokens import chat_prompt, position_ids, tokenize
 from saelab.errors import BadValueError
 from saelab.interventions.edits import Edit, Frame, PatchEdit
 from saelab.interventions.splice import SAEs, splice, unwrap
+from saelab.interventions.transcoder_edits import TranscoderEdit, edit_transcoders
 from saelab.models.kv_cache import cache_kwargs, returned_cache
 from saelab.models.limits import check_positions, lm_max_positions
 
@@ -93,12 +94,13 @@ class _Sampling:
 
 def generate(lm: Any, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
              max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-             seeds: int | Sequence[int] = 0, edits: Iterable[Edit] | None = (), saes: SAEs = None,
+             seeds: int | Sequence[int] = 0, edits: Iterable[Edit | TranscoderEdit] | None = (),
+             saes: SAEs = None,
              keep_error: bool = True, record_features: bool | str | Sequence[str] = False,
              top_features: int = 16, chat: bool = False, stop_at_eos: bool = True,
              batch_size: int = 16, use_cache: bool = True, tokenizer: Any = None,
-             eos_token_ids: Sequence[int] | None = None, past_positions: str = "warn"
-             ) -> Generation:
+             eos_token_ids: Sequence[int] | None = None, past_positions: str = "warn",
+             transcoders: Mapping[int, Any] | None = None) -> Generation:
     """Sample continuations of `prompts` (texts, or token-id lists) with optional edits.
 
     seeds: one per prompt, or an int s giving prompt i the seed s + i. `edits` and `saes`
@@ -108,6 +110,8 @@ def generate(lm: Any, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
     whole sequence each step (slow; for checking). past_positions: "warn" or "error" when a
     prompt, or a prompt and its new tokens, run past the model's max_position_embeddings
     (RoPE models extrapolate, less reliably); an empty prompt is always a BadValueError.
+    transcoders: {layer: Transcoder} that the `TranscoderEdit`s among `edits` act through
+    (see `saelab.interventions.transcoder_edits`).
     """
     check_sampling(max_new_tokens, temperature, top_p)
     integer("batch_size", batch_size, low=1)
@@ -129,7 +133,8 @@ def generate(lm: Any, prompts: str | Sequence[str] | Sequence[Sequence[int]], *,
         stop = min(start + batch_size, len(token_lists))
         batch_edits = _edits_for_rows(edits, start, stop)
         samples += _generate_batch(model, arch, token_lists[start:stop], seed_list[start:stop], opts,
-                                   batch_edits, saes, keep_error, record_features, top_features)
+                                   batch_edits, saes, keep_error, record_features, top_features,
+                                   transcoders)
     for i, sample in enumerate(samples):
         sample.prompt = texts[i] if texts else None
         if tokenizer is not None:
@@ -200,7 +205,7 @@ def _special_ids(model: Any, tokenizer: Any, eos: Sequence[int] | None) -> tuple
     return tuple(sorted(set(eos))), next(int(c) for c in candidates if c is not None)
 
 
-def _edits_for_rows(edits: list[Edit], start: int, stop: int) -> list[Edit]:
+def _edits_for_rows(edits: list[Any], start: int, stop: int) -> list[Any]:
     """The edits of prompts start..stop-1, with rows (and per-sample values) renumbered."""
     out = []
     for edit in edits:
@@ -267,7 +272,8 @@ def next_tokens(logits: Tensor, generators: Sequence[torch.Generator], temperatu
 @torch.inference_mode()
 def _generate_batch(model: Any, arch: Any, prompts: list[list[int]], seeds: list[int],
                     opts: _Sampling, edits: list[Edit], saes: SAEs, keep_error: bool,
-                    record: Any, top_n: int) -> list[Sample]:
+                    record: Any, top_n: int, transcoders: Mapping[int, Any] | None = None
+                    ) -> list[Sample]:
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, opts.pad, device)
     lengths = mask.sum(1)  # (B,)
@@ -280,8 +286,11 @@ def _generate_batch(model: Any, arch: Any, prompts: list[list[int]], seeds: list
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     eos = torch.tensor(opts.eos, dtype=torch.long, device=device)
     recorded: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    tc_edits = [e for e in edits if isinstance(e, TranscoderEdit)]
+    edits = [e for e in edits if not isinstance(e, TranscoderEdit)]
     with splice(model, saes, keep_error=keep_error, edits=edits, record=record, frame=frame,
-                arch=arch) as sp:
+                arch=arch) as sp, edit_transcoders(model, transcoders or {}, tc_edits, frame=frame,
+                                                   arch=arch):
         forward = _Forward(model, ids, mask, opts.use_cache)
         logits = forward()
         for t in range(steps):

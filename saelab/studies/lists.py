@@ -11,13 +11,16 @@ Stages, each saved as it finishes so an interrupted run resumes where it stopped
 4. ablation     zero the top-N attributed (position, feature) pairs on the prefix,
                 regenerate; controls: unablated, N random active pairs -> ablation.jsonl
                 (lists_ablation.py)
+4b. graphs      with --graph: attribution graphs over a transcoder set for some ablated
+                lists; graph-chosen vs attribution-chosen transcoder features ablated
+                -> graphs/ (lists_graph.py, lists_graph_results.py)
 5. features     dashboards of the top features on the corpus (features/) and on the
                 study's own lists (features_lists/); `saelab serve OUT` browses them
 6. results      statistics, maps, report.html, run.json (stage times kept across
                 reruns in timings.json, see timings.py)
 
 Module order (no circle): lists_data <- lists_config <- lists_maps, lists_ablation,
-lists_results, lists_report <- lists <- lists_commands.
+lists_results, lists_report, lists_graph, lists_graph_results <- lists <- lists_commands.
 
 Every condition of one example samples with the same seed, so the ablated and
 control continuations differ only by the ablation.
@@ -52,6 +55,8 @@ from saelab.studies.lists_data import (
     metric_tokens,
     parse_list,
 )
+from saelab.studies.lists_graph import load_graph_transcoders, run_graph_stage
+from saelab.studies.lists_graph_results import graph_summary
 from saelab.studies.lists_maps import feature_density, top_features
 from saelab.studies.lists_report import write_report
 from saelab.studies.lists_results import summarize
@@ -64,8 +69,12 @@ __all__ = ["ListsConfig", "StudyModel", "attributed", "default_sites", "run_list
 # ---------------------------------------------------------------- stages
 
 
-def run_lists(cfg: ListsConfig, out: str | Path, stage: Stage, lm: Any = None) -> dict:
-    """Run (or finish) the study into `out`; returns the results written to results.json."""
+def run_lists(cfg: ListsConfig, out: str | Path, stage: Stage, lm: Any = None,
+              graph: Any = None) -> dict:
+    """Run (or finish) the study into `out`; returns the results written to results.json.
+
+    graph: a `GraphStudyConfig` adds the graph stage (lists_graph.py); it can be added to
+    a finished run, whose other stages then resume as they are."""
     from saelab.models.load import load_model
 
     out = Path(out)
@@ -79,6 +88,7 @@ def run_lists(cfg: ListsConfig, out: str | Path, stage: Stage, lm: Any = None) -
                                   "instruct model in its chat format. Use an instruct model (the "
                                   "default smollm2-135m-instruct, or e.g. google/gemma-2-2b-it).")
         sm = StudyModel(lm, metric_tokens(lm.tokenizer).end_of_turn, metric_tokens(lm.tokenizer))
+        tset = load_graph_transcoders(lm, graph) if graph is not None else None  # fail early
     with clock.stage("dataset", out / "dataset.jsonl"):
         prompts = list_prompts(lm.tokenizer, cfg.topics, {t: TEMPLATES[t] for t in cfg.templates},
                                cfg.samples)
@@ -93,17 +103,25 @@ def run_lists(cfg: ListsConfig, out: str | Path, stage: Stage, lm: Any = None) -
     with clock.stage("ablation", out / "ablation.jsonl"):
         ablation = ablate_dataset(sm, cfg, dataset, saes, attrs[metric_name], out / "ablation.jsonl",
                                   stage, exclude=dense)
+    if graph is not None:
+        with clock.stage("graphs", out / "graphs"):
+            choices, graph_log = run_graph_stage(sm, cfg, graph, tset, dataset,
+                                                 _metrics(sm.tokens)[metric_name], out / "graphs", stage)
     with clock.stage("features", out / "features", out / "features_lists"):
         dashboards = feature_dashboards(lm, cfg, saes, attrs[metric_name], dataset, out, stage,
                                         exclude=dense)
     with clock.stage("results"):
         results = summarize(cfg, out, sm, dataset, saes, attrs, metric_name, reason, ablation,
                             dashboards)
+        if graph is not None:
+            results["graph"] = graph_summary(cfg, graph, choices, graph_log)
     results["seconds"] = clock.seconds
     run = {"command": "study lists", "config": asdict(cfg), "model": lm.provenance(),
            "seconds": clock.seconds, "this_run_seconds": clock.this_run,
            "threads": torch.get_num_threads(),
            "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+    if graph is not None:
+        run["graph"] = asdict(graph)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=_json) + "\n")
     atomic_write_text(out / "run.json", json.dumps(run, indent=1, default=_json) + "\n")
     write_report(results, out)

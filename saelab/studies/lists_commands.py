@@ -8,13 +8,13 @@ from typing import Annotated, Any
 import typer
 
 
-def run_with_progress(cfg: Any, out: Path, *, json: bool = False) -> dict:
+def run_with_progress(cfg: Any, out: Path, *, json: bool = False, graph: Any = None) -> dict:
     """Run the study with one progress bar (or, piped, one line) per stage."""
     from saelab.studies.lists import run_lists
     from saelab.studies.stage_lines import study_progress
 
     with study_progress(json=json) as stage:
-        return run_lists(cfg, out, stage)
+        return run_lists(cfg, out, stage, graph=graph)
 
 
 def _num(stat: dict | None, digits: int = 1) -> str:
@@ -75,6 +75,17 @@ def summary_table(results: dict) -> Any:
     return table
 
 
+def graph_lines(g: dict | None) -> list[str]:
+    """The graph stage's verdict and per-arm effects (none without --graph)."""
+    if not g:
+        return []
+    arms = "; ".join(f"{arm} {_num(g['arms'][arm]['distinct_items'])}"
+                     for arm in ("graph", "attribution", "random"))
+    return [f"graphs ({g['n_examples']} lists, top {g['top_n']} transcoder features zeroed): "
+            f"Δdistinct items {arms}; Δitems graph − attribution {_num(g['difference']['n_items'])}",
+            g["verdict"]["text"]]
+
+
 def print_summary(results: dict, out: Path) -> None:
     """The short summary the demo ends with: the dataset, then one row per SAE."""
     from saelab.console import console, saelab_command
@@ -90,6 +101,8 @@ def print_summary(results: dict, out: Path) -> None:
                       f"regenerations cut at {some['ablation'].get('token_limit', '?')} tokens "
                       "(control/top-N/random-N); effective: "
                       f"{some['verdict']['rule']}", highlight=False, markup=False)
+    for line in graph_lines(results.get("graph")):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     times = ", ".join(f"{k} {v:.0f}s" for k, v in results["seconds"].items())
     console.print(f"time: {times}", highlight=False)
     console.print(f"report: {out / 'report.html'}   browse features: {saelab_command()} serve {out}",
@@ -132,10 +145,19 @@ def register(study_app: typer.Typer) -> None:
         sae_tokens: Annotated[int | None, typer.Option(help="Training tokens per trained SAE.")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Sequences per batch.")] = None,
         seed: Annotated[int | None, typer.Option(help="Base seed of all sampling.")] = None,
+        graph: Annotated[bool, typer.Option(
+            "--graph", help="Also build attribution graphs over --transcoders for some ablated lists "
+                            "and compare graph-chosen with attribution-chosen features by ablation "
+                            "(may be added to a finished run).")] = False,
+        transcoders: Annotated[Path | None, typer.Option(
+            help="Transcoder set of the model (one per MLP), for --graph.")] = None,
+        graph_examples: Annotated[int, typer.Option(help="Lists that get a graph (minutes each on a CPU).")] = 8,
+        graph_features: Annotated[int, typer.Option(help="Feature nodes with rows per graph.")] = 500,
         json: Annotated[bool, typer.Option("--json", help="Print results.json on stdout.")] = False,
     ) -> None:
         """When does a list end? Sample lists, attribute, ablate, report. Defaults to the quick
         preset (minutes); --preset full is the original's size and takes hours on a CPU."""
+        from saelab.checks import MAX_SAMPLES, integer
         from saelab.console import emit_json
         from saelab.errors import SaelabError
         from saelab.studies.lists_config import ListsConfig
@@ -149,7 +171,17 @@ def register(study_app: typer.Typer) -> None:
                 sae_tokens=sae_tokens, batch_size=batch_size, seed=seed)
         except ValueError as err:
             raise SaelabError(str(err)) from None
-        results = run_with_progress(cfg, out, json=json)
+        integer("graph_examples", graph_examples, low=1, high=MAX_SAMPLES)  # even without --graph
+        integer("graph_features", graph_features, low=1, high=10**7)
+        gcfg = None
+        if transcoders and not graph:
+            raise SaelabError("--transcoders is read by the graph stage only; add --graph.")
+        if graph:
+            from saelab.studies.lists_graph import GraphStudyConfig
+
+            gcfg = GraphStudyConfig(str(transcoders) if transcoders else "", examples=graph_examples,
+                                    max_features=graph_features)
+        results = run_with_progress(cfg, out, json=json, graph=gcfg)
         if json:
             return emit_json(results)
         print_summary(results, out)

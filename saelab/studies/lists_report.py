@@ -123,6 +123,9 @@ def _summary(results: Mapping) -> Markup:
                      "list cut off by the token limit, so those counts are lower bounds; over the "
                      f"pairs where both lists ended: {_mean_ci(contrast.get('uncensored'))} distinct")
         lines.append(text + ".")
+    if (results.get("graph") or {}).get("verdict"):
+        text = results["graph"]["verdict"]["text"]
+        lines.append(text[:1].upper() + text[1:] + ".")
     if not lines:
         return Markup()
     rule = next((s.get("verdict", {}).get("rule") for s in (results.get("saes") or {}).values()
@@ -275,6 +278,60 @@ def _sae(name: str, s: Mapping, out: Path) -> Markup:
         _verdict(s.get("verdict")))
 
 
+def _graph(g: Mapping | None) -> Markup:
+    """Graph-chosen against attribution-chosen transcoder features (with --graph)."""
+    if not g:
+        return Markup()
+    arms = g.get("arms") or {}
+    diff = g.get("difference") or {}
+    rows = [[arm, label, _num((arms.get(arm) or {}).get(key, {}).get("mean")),
+             _ci((arms.get(arm) or {}).get(key)), (arms.get(arm) or {}).get(key, {}).get("n")]
+            for arm in ("graph", "attribution", "random")
+            for key, label in (("distinct_items", "Δdistinct items"), ("n_items", "Δn_items"))]
+    rows += [["graph − attribution (paired)", label, _num((diff.get(key) or {}).get("mean")),
+              _ci(diff.get(key)), (diff.get(key) or {}).get("n")]
+             for key, label in (("distinct_items", "Δdistinct items"), ("n_items", "Δn_items"))]
+    caps = g.get("cap_hits") or {}
+    scores = g.get("scores") or {}
+    s = g.get("settings") or {}
+    lists = table([[e.get("index"), e.get("topic"), _link("graph", e.get("graph")),
+                    _num(e.get("metric")), e.get("active_features"), e.get("pruned_features"),
+                    e.get("overlap"), e.get("Δgraph"), e.get("Δattribution"), e.get("Δrandom"),
+                    _num(e.get("graph_attribution_sum")), _num(e.get("attribution_sum"))]
+                   for e in g.get("lists") or []],
+                  header=["list", "topic", "graph folder", "metric", "active features",
+                          "features in the pruned graph", "shared by both sets", "Δdistinct graph",
+                          "Δdistinct attribution", "Δdistinct random",
+                          "attribution of the graph's set", "attribution of the attribution's set"])
+    return section(
+        "Graph-chosen vs attribution-chosen features",
+        paragraph((g.get("verdict") or {}).get("text", "")),
+        paragraph(f"For {fmt(g.get('n_examples'))} of the ablated lists, an attribution graph of the "
+                  f"study's metric at the last item's last token over the transcoder set "
+                  f"{s.get('transcoders', '–')} ({fmt(s.get('max_features'))} feature nodes with rows, "
+                  f"pruned at {fmt(s.get('node_threshold'))} / {fmt(s.get('edge_threshold'))}). Three "
+                  f"sets of {fmt(g.get('top_n'))} transcoder features per list, from the same active "
+                  "features: the graph's most influential on the target (pruned graph first), the "
+                  "largest act × gradient of the metric in the real model, and random active ones; "
+                  "each zeroed (its act × decoder row taken off the real MLP output)"
+                  + (" on the prefix and at every generated token" if g.get("every_step") else
+                     " on the prefix") + ", then the list regenerated with the seed of an unablated "
+                  "control. Δ is ablated − control; the paired row is, per list, graph − attribution."),
+        table(rows, header=["features zeroed", "measure", "mean", "95% CI", "lists"]),
+        table([["control", caps.get("control")], ["graph", caps.get("graph")],
+               ["attribution", caps.get("attribution")], ["random", caps.get("random")]],
+              header=[f"regenerations cut at {fmt(g.get('token_limit'))} tokens", "lists"]),
+        table([["features both sets share (mean per list)", _mean_ci(g.get("overlap"))],
+               ["replacement score", _mean_ci(scores.get("replacement_score"))],
+               ["completeness score", _mean_ci(scores.get("completeness_score"))],
+               ["graph building time (s, all lists)", fmt(_num(g.get("graph_seconds")))]]),
+        lists,
+        notes([f"Verdict rule: {(g.get('verdict') or {}).get('rule', '–')}. Graph influence is "
+               "unsigned, so the graph's set may hold features that delay the end; the last two "
+               "columns give each set's summed attribution. saelab serve on the run folder "
+               "shows the graphs."]))
+
+
 def _per_topic(saes: Mapping) -> Markup:
     rows = []
     for name, s in saes.items():
@@ -316,6 +373,7 @@ def render_report(results: Mapping, out: Path) -> str:
     body = [_summary(results), _dataset(results.get("dataset") or {}),
             _metric(results.get("metric") or {})]
     body += [_sae(name, s, out) for name, s in saes.items()]
+    body.append(_graph(results.get("graph")))
     body += [_examples(results.get("examples") or []), _per_topic(saes),
              section("Feature browser", Markup(
                  f"<p>Run <code>saelab serve {esc(results.get('out', out))}</code> to open the "
