@@ -1,10 +1,9 @@
 """Attribution graph cost on the embedded model with 30 per-layer transcoders.
 
 The transcoders are random TopK ones of the right shape (576 -> 4608, k=32, with a
-skip): timing does not depend on what features mean, and trained ones for all 30
-layers are not at hand here. A prompt of `--tokens` tokens (BOS first), targets
-the top next tokens, `--max-features` feature rows (7500 as circuit-tracer's
-default), nodes 0.8 / edges 0.98.
+skip), or a trained set with `--transcoders DIR` (as `saelab scope --kind transcoder`
+writes). A prompt of `--tokens` tokens (BOS first), targets the top next tokens,
+`--max-features` feature rows (7500 as circuit-tracer's default), nodes 0.8 / edges 0.98.
 
 Reported: wall time and CPU time of the graph (CPU time as well, since a shared
 machine stretches wall time) (pruning and the JSON included),
@@ -15,6 +14,7 @@ embeddings, weights frozen). Targets on 2 CPU cores: 20 tokens in <= 5 min and
 is the process's):
 
     .venv/bin/python -m bench.graph [--tokens 20] [--max-features 7500] [--threads 2]
+                                    [--transcoders runs/tscope]
 """
 
 from __future__ import annotations
@@ -55,11 +55,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--d-sae", type=int, default=4608)
     ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--transcoders", default=None,
+                    help="a trained transcoder set (every layer) instead of random ones")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model("smollm2-135m-instruct", dtype="float32")
-    tcs = {layer: random_transcoder("topk", d_in=576, d_sae=args.d_sae, k=args.k, skip=True,
-                                    layer=layer, seed=layer) for layer in range(lm.arch.n_layers)}
+    if args.transcoders:
+        from saelab.sae.transcoder import load_transcoders
+
+        tcs = load_transcoders(args.transcoders)
+        kind = f"trained: {args.transcoders}"
+    else:
+        tcs = {layer: random_transcoder("topk", d_in=576, d_sae=args.d_sae, k=args.k, skip=True,
+                                        layer=layer, seed=layer) for layer in range(lm.arch.n_layers)}
+        kind = f"random topk 576->{args.d_sae} k={args.k} skip"
     prompt = prompt_of(lm, args.tokens)
     from saelab.data.tokens import tokenize
 
@@ -76,7 +85,7 @@ def main() -> None:
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     s = result["stats"]
     payload = {"tokens": int(ids.shape[1]), "max_features": args.max_features,
-               "threads": args.threads, "transcoders": f"random topk 576->{args.d_sae} k={args.k} skip",
+               "threads": args.threads, "transcoders": kind,
                "active_features": s["active_features"], "selected_features": s["selected_features"],
                "backward_passes": s["backward_passes"], "rows_per_pass": s["rows_per_pass"],
                "rows_exact": s["rows_exact"], "wall_s": wall, "cpu_s": cpu, "peak_gb": peak_gb,

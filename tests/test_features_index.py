@@ -90,6 +90,25 @@ def test_examples_of_one_feature(run):
         assert tops == sorted(tops, reverse=True) and tops[0] == pytest.approx(index.feature(f)["max_act"])
 
 
+def test_examples_of_a_feature_split_across_row_groups(run, tmp_path):
+    """A feature whose examples span two row groups reads whole (pyarrow cannot read two
+    groups of a nested dictionary column into one table; seen on a real 66k-row index)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(run / "tiny", folder)
+    table = pq.read_table(folder / "examples.parquet")
+    pq.write_table(table, folder / "examples.parquet", row_group_size=7)
+    assert pq.ParquetFile(folder / "examples.parquet").num_row_groups > 2
+    index = FeatureIndex.open(folder)
+    feats = table["feature"].to_pylist()
+    for f in sorted(set(feats)):
+        assert [r["position"] for r in index.examples(f)] == [
+            p for g, p in zip(feats, table["position"].to_pylist()) if g == f]
+
+
 def test_dashboard_escapes_model_text(run):
     html = render_dashboard(run / "tiny", cards=5)
     assert EVIL not in html

@@ -283,6 +283,11 @@ def _rows_for(path: Path, f: int, idx: FeatureIndex) -> list[dict]:
     groups = [g for g, (lo, hi) in enumerate(idx._groups) if lo <= f <= hi]
     if not groups:
         return []
-    table = pf.read_row_groups(groups)
-    table = table.filter(pc.equal(table["feature"], f))
-    return table.to_pylist()
+    # One row group at a time: each holds its own dictionary for the nested `tokens`
+    # column, and pyarrow cannot read two of those into one table ("Nested data
+    # conversions not implemented for chunked array outputs").
+    rows: list[dict] = []
+    for g in groups:
+        table = pf.read_row_group(g)
+        rows += table.filter(pc.equal(table["feature"], f)).to_pylist()
+    return rows
