@@ -20,11 +20,11 @@ from torch import Tensor, nn
 
 from saelab.attribution.metrics import Metric
 from saelab.graphs.edges import PASS_BYTES, EdgeEngine
-from saelab.graphs.features import active_features, error_nodes
-from saelab.graphs.frozen import GraphError, record_clean
+from saelab.graphs.features import ActiveFeatures, active_features, error_nodes
+from saelab.graphs.frozen import CleanState, GraphError, record_clean
 from saelab.graphs.record import Graph
 from saelab.graphs.rows import ROW_BUDGET, RowStore
-from saelab.graphs.targets import logit_targets, metric_target, target_values
+from saelab.graphs.targets import Target, logit_targets, metric_target, target_values
 from saelab.models.sites import describe
 
 UPDATE_EVERY = 4  # batches of rows between two re-rankings of the features by influence
@@ -108,11 +108,40 @@ def build_graph(model: nn.Module, tokenizer: Any, ids: Tensor, transcoders: Mapp
             if progress is not None:
                 progress(len(row_feature) - n_t, cap)
 
-    # Assemble: features in (layer, pos, index) order, then the targets.
+    stats = {"active_features": N, "backward_passes": engine.passes, "rows_per_pass": engine.batch,
+             "rows_exact": store.exact, "row_mass_dropped": store.dropped}
+    del engine  # its tape (the frozen forward's autograd graph) is not needed any more
+    graph = assemble(store, row_feature, visited, feats, targets, state, transcoders, tokenizer,
+                     ids, arch.n_layers, is_metric=metric is not None)
+    del store
+    replacement, completeness = graph.scores()
+    graph.stats = {**stats, "selected_features": len(graph.features), "targets": n_t,
+                   "replacement_score": replacement, "completeness_score": completeness,
+                   "seconds": time.perf_counter() - t0}
+    graph.settings = {"max_features": max_features, "max_logits": max_logits,
+                      "desired_prob": desired_prob, "metric": metric_spec or None,
+                      "dtype": str(state.embed.dtype).removeprefix("torch.")}
+    return graph
+
+
+def assemble(store: RowStore, row_feature: list[int], visited: Tensor, feats: ActiveFeatures,
+             targets: list[Target], state: CleanState, transcoders: Mapping[int, Any],
+             tokenizer: Any, ids: Tensor, n_layers: int, *, is_metric: bool = False) -> Graph:
+    """The unpruned graph from the stored rows (no stats, no scores yet).
+
+    row_feature: the feature index of each stored row, -1 for the targets' rows (first);
+    visited: (N,) bool, the features with rows. Nodes: the visited features in (layer, pos,
+    index) order, then the targets. Peak memory: the adjacency (rows x (visited + L*T + T))
+    and one copy of the store's dense part (`RowStore.feature_columns` works by row chunks).
+    """
+    n_t = len(targets)
     selected = visited.nonzero()[:, 0]
     row_of = {f: r for r, f in enumerate(row_feature)}
     order = torch.tensor([row_of[int(f)] for f in selected] + list(range(n_t)), dtype=torch.long)
-    adjacency = torch.cat([store.feature_columns(order, selected), store.dense[order]], 1)
+    adjacency = torch.zeros(len(order), len(selected) + store.dense.shape[1], dtype=store.dense.dtype)
+    store.feature_columns(order, selected, out=adjacency[:, :len(selected)])
+    for a in range(0, len(order), 256):  # row chunks: no second copy of the dense part
+        adjacency[a:a + 256, len(selected):] = store.dense[order[a:a + 256]]
     sel = feats.subset(selected)
     value = torch.empty(len(order), dtype=torch.float64)
     for r, f in enumerate(selected.tolist()):
@@ -123,20 +152,11 @@ def build_graph(model: nn.Module, tokenizer: Any, ids: Tensor, transcoders: Mapp
     tv = target_values(targets, state.final)
     value[len(selected):] = tv.double()
     texts = [tokenizer.decode([t]) if tokenizer is not None else str(t) for t in ids[0].tolist()]
-    graph = Graph(prompt="", tokens=ids[0].tolist(), token_texts=texts, n_layers=arch.n_layers,
+    graph = Graph(prompt="", tokens=ids[0].tolist(), token_texts=texts, n_layers=n_layers,
                   features=sel,
-                  targets=[{"label": t.label, "kind": "metric" if metric is not None else "token",
+                  targets=[{"label": t.label, "kind": "metric" if is_metric else "token",
                             "vocab_idx": t.vocab_idx, "weight": t.weight,
                             "pos": t.pos, "value": float(v)} for t, v in zip(targets, tv, strict=True)],
                   adjacency=adjacency, row_value=value, row_sum_all=store.sum[order].clone())
     graph.live["targets"] = targets
-    replacement, completeness = graph.scores()
-    graph.stats = {"active_features": N, "selected_features": len(selected), "targets": n_t,
-                   "backward_passes": engine.passes, "rows_per_pass": engine.batch,
-                   "rows_exact": store.exact, "row_mass_dropped": store.dropped,
-                   "replacement_score": replacement, "completeness_score": completeness,
-                   "seconds": time.perf_counter() - t0}
-    graph.settings = {"max_features": max_features, "max_logits": max_logits,
-                      "desired_prob": desired_prob, "metric": metric_spec or None,
-                      "dtype": str(state.embed.dtype).removeprefix("torch.")}
     return graph

@@ -116,22 +116,27 @@ def prune(R: Tensor, layout: Layout, weights: Tensor, node_threshold: float = 0.
     node_mask = node_infl >= find_threshold(node_infl, node_threshold)
     node_mask[layout.n_features + layout.n_errors:] = True  # tokens and targets stay
 
-    # One working buffer: the pruned matrix, normalised in place, then its edge scores.
-    work = R.float() * node_mask[rows][:, None] * node_mask[:ncol][None, :]
-    work.abs_()
+    # One working buffer (a single copy of R): the pruned matrix, normalised in place, then
+    # its edge scores.
+    work = R.to(torch.float32, copy=True).abs_()
+    work *= node_mask[rows][:, None]
+    work *= node_mask[:ncol][None, :]
     work /= work.sum(1, keepdim=True).clamp(min=1e-10)
     infl = influence(work, layout, weights)
     row_weight = infl[rows].clone()
     row_weight[nf:] += weights.to(row_weight.dtype)
     work *= row_weight[:, None]
-    edge_mask = work >= find_threshold(work, edge_threshold)
-    edge_mask &= work > 0
+    edge_threshold_value = find_threshold(work, edge_threshold)
+    edge_mask = work >= edge_threshold_value
+    if edge_threshold_value <= 0:  # no positive score: no edge (zeros never count)
+        edge_mask &= work > 0
     del work
 
     keep_out = nf + layout.n_errors  # features and errors need an outgoing edge
     while True:
         old = node_mask.clone()
-        edge_mask &= node_mask[rows][:, None] & node_mask[:ncol][None, :]
+        edge_mask &= node_mask[rows][:, None]  # in place: no second (rows, cols) mask
+        edge_mask &= node_mask[:ncol][None, :]
         node_mask[:keep_out] &= edge_mask[:, :keep_out].any(0)
         node_mask[:nf] &= edge_mask[:nf].any(1)
         if torch.equal(old, node_mask):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 ROW_BUDGET = 1 << 30  # bytes for the feature columns of all rows
+_CHUNK_ELEMS = 1 << 22  # stored entries per chunk in the passes over all rows
 
 
 class RowStore:
@@ -60,25 +61,36 @@ class RowStore:
         lost = 1 - self.kept_abs[:self.n] / self.abs_sum[:self.n].clamp(min=1e-30)
         return float(lost.max().clamp(min=0))
 
+    def _chunks(self, n: int):
+        """Row slices of about `_CHUNK_ELEMS` stored entries: temporaries stay small."""
+        width = self.feat.shape[1] if self.exact else self.k
+        step = max(1, _CHUNK_ELEMS // max(1, width))
+        for a in range(0, n, step):
+            yield slice(a, min(n, a + step))
+
     def feature_influence(self, first: Tensor, feature_of_row: Tensor) -> Tensor:
         """(N,) influence on the targets of every feature through the stored rows.
 
         first: (n,) starting weight of each stored row (the targets' weights, 0 elsewhere);
-        feature_of_row: (n,) feature index of each row, -1 for target rows.
+        feature_of_row: (n,) feature index of each row, -1 for target rows. Works by row
+        chunks: no temporary the size of the store.
         """
         n = self.n
         norm = self.abs_sum[:n].clamp(min=1e-10).float()
         prod = first.float()
         total = torch.zeros(self.n_features)
         is_feat = feature_of_row >= 0
-        mags = (self.feat[:n] if self.exact else self.val[:n]).abs().float()  # once, not per wave
-        cols = None if self.exact else self.idx[:n].flatten().long()
         for _ in range(10_000):
             w = prod / norm
-            if self.exact:
-                cur = w @ mags
-            else:
-                cur = torch.zeros(self.n_features).index_add_(0, cols, (w[:, None] * mags).flatten())
+            cur = torch.zeros(self.n_features)
+            for sl in self._chunks(n):
+                if not w[sl].any():
+                    continue
+                if self.exact:
+                    cur += w[sl] @ self.feat[sl].abs().float()
+                else:
+                    cur.index_add_(0, self.idx[sl].flatten(),
+                                   (w[sl, None] * self.val[sl].abs().float()).flatten())
             total += cur
             prod = torch.zeros(n)
             prod[is_feat] = cur[feature_of_row[is_feat]]
@@ -86,16 +98,21 @@ class RowStore:
                 return total
         raise RuntimeError("influence did not converge: the graph has a cycle")
 
-    def feature_columns(self, rows: Tensor, selected: Tensor) -> Tensor:
-        """(len(rows), len(selected)) the feature part restricted to columns `selected`."""
-        if self.exact:
-            return self.feat[rows][:, selected]
+    def feature_columns(self, rows: Tensor, selected: Tensor, out: Tensor | None = None) -> Tensor:
+        """(len(rows), len(selected)) the feature part restricted to columns `selected`.
+
+        Gathered by row chunks: no temporary the size of the store. out: a zeroed
+        (len(rows), len(selected)) tensor (or view) to fill instead of a new one."""
+        if out is None:
+            out = torch.zeros(len(rows), len(selected), dtype=self.dense.dtype)
         col = torch.full((self.n_features,), -1, dtype=torch.long)
         col[selected] = torch.arange(len(selected))
-        out = torch.zeros(len(rows), len(selected), dtype=self.val.dtype)
-        idx, val = self.idx[rows].long(), self.val[rows]
-        where = col[idx]
-        r = torch.arange(len(rows))[:, None].expand_as(idx)
-        keep = where >= 0
-        out[r[keep], where[keep]] = val[keep]
+        for sl in self._chunks(len(rows)):
+            if self.exact:
+                out[sl] = self.feat[rows[sl]][:, selected]
+                continue
+            where = col[self.idx[rows[sl]].long()]
+            keep = where >= 0
+            r = torch.arange(sl.start, sl.stop)[:, None].expand_as(where)
+            out[r[keep], where[keep]] = self.val[rows[sl]][keep]
         return out
