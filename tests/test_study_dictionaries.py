@@ -64,6 +64,35 @@ def test_mcs_against_the_true_dictionary_rises_with_training_and_width():
 # ------------------------------------------------------------------ connections
 
 
+def test_recurrence_claims_are_inconclusive_when_seeds_agree_only_by_chance():
+    """Seed MCS at the random-dictionary floor at every width: claims 1 and 2 say so
+    (holds None) instead of "does not hold"; one width well above it decides them."""
+    from types import SimpleNamespace
+
+    from saelab.studies.dictionaries_mcs import chance_mcs
+    from saelab.studies.dictionaries_report import _claims
+
+    # the floor rises with the number of rows and falls with d
+    assert chance_mcs(64, 64, 64) < chance_mcs(512, 512, 64)
+    assert chance_mcs(256, 256, 512) < chance_mcs(256, 256, 64) < 1
+    cfg = SimpleNamespace(seeds=2, widths=(1, 2), recur_threshold=0.9, arch="relu")
+    feat = SimpleNamespace(sparsity=0.1)
+    row = {"feature": 3, "recurrence": 0.2, "outlier_dim_share": 0.5, "first_positions_share": 0.9}
+    acts = {"recurring": {"features": [row], "uniform_outlier_share": 0.01, "uniform_first_share": 0.2,
+                          "dictionary": "d"},
+            "outlier_dims": [1], "outlier_dim_mean_sq": [9.0], "median_dim_mean_sq": 1.0}
+
+    def by_width(seed_mcs):
+        return [{"sparsity": 0.1, "width_mult": w, "seed_mcs": m, "chance_mcs": 0.14,
+                 "seed_recurring": float(w)} for w, m in zip((1, 2), seed_mcs)]
+
+    noise = _claims(cfg, feat, by_width((0.15, 0.16)), acts, {})
+    assert noise[0]["holds"] is None and noise[1]["holds"] is None
+    assert "no closer than random" in noise[0]["evidence"] and "0.150 vs 0.140" in noise[0]["evidence"]
+    learned = _claims(cfg, feat, by_width((0.15, 0.6)), acts, {})
+    assert learned[0]["holds"] is True and learned[1]["holds"] is True
+
+
 def test_connection_fit_recovers_a_planted_sparse_map():
     rng = np.random.default_rng(0)
     n, f1 = 4000, 40

@@ -122,7 +122,7 @@ def json_ready(obj: Any) -> Any:
 # full: a GPU's.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(sites=SCOPE_KINDS, layers=None, widths=("2x",), l0s=(32,), arch="batchtopk",
-                  tokens=400_000, batch_size=1024, eval_tokens=2048, feature_tokens=8192,
+                  tokens=300_000, batch_size=1024, eval_tokens=2048, feature_tokens=8192,
                   ablate=0, buffer_tokens=16_384, checkpoint_every=100_000),
     "full": dict(sites=SCOPE_KINDS, layers=None, widths=("4x", "16x"), l0s=(16, 32, 64),
                  arch="jumprelu", tokens=40_000_000, batch_size=4096, eval_tokens=65_536,

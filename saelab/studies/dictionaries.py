@@ -161,7 +161,7 @@ def run_dictionaries(lm: Any, cfg: DictionariesConfig, out: str | Path, *, resum
     from saelab.studies.dictionaries_report import summarize, write_report
 
     with clock.stage("report"):
-        results = summarize(cfg, points, feat, evals, mcs, acts, ablation)
+        results = summarize(cfg, points, feat, evals, mcs, acts, ablation, d_model)
         result = {
             "schema": SCHEMA, "config": asdict(cfg), "site": site, "connection_sites": list(others),
             "model": lm.provenance(), "memory_needed_bytes": need, "memory_budget_bytes": budget,

@@ -84,7 +84,7 @@ def register(study_app: typer.Typer) -> None:
                          f"{r['delta_ce']:.3f}")
         console.print(grid)
         for c in res["claims"]:
-            verdict = {True: "holds", False: "does not hold", None: "not testable"}[c["holds"]]
+            verdict = {True: "holds", False: "does not hold", None: "inconclusive"}[c["holds"]]
             console.print(f"- {c['claim']}: {verdict}. {c['evidence']}", highlight=False)
         console.print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items()),
                       highlight=False)

@@ -7,7 +7,9 @@
 Definitions are saelab.evals.dictionaries' (`compare`), run once per unordered
 pair (both directions come out of one cosine matrix). A feature of dictionary
 A *recurs* in dictionary B when its max cosine there is at least the
-threshold (0.9 in the original's write-up).
+threshold (0.9 in the original's write-up). `chance_mcs` is what two unrelated
+dictionaries of the same sizes reach: random unit rows in d dimensions still
+find a nearest neighbour at cosine ~0.15 for d=576 and a thousand rows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from saelab.evals.dictionaries import compare
 
@@ -56,3 +59,10 @@ def pairwise_mcs(decoders: Mapping[str, object], on_pair=None) -> PairwiseMCS:
 def histogram(values: np.ndarray, bins: int = 40) -> dict:
     counts, edges = np.histogram(values, bins=bins, range=(-1.0, 1.0))
     return {"edges": edges.round(6).tolist(), "counts": counts.tolist()}
+
+
+def chance_mcs(n_a: int, n_b: int, d: int, seed: int = 0) -> float:
+    """MCS(A -> B) of two dictionaries of n_a and n_b random unit rows in d dimensions
+    (isotropic Gaussian rows, seeded): the floor a learned pair must clear to share anything."""
+    g = torch.Generator().manual_seed(seed)
+    return float(compare(torch.randn(n_a, d, generator=g), torch.randn(n_b, d, generator=g)).mcs)

@@ -24,20 +24,26 @@ from saelab.report.html import (
     write_page,
 )
 from saelab.studies.dictionaries_eval import pareto_front
-from saelab.studies.dictionaries_mcs import histogram
+from saelab.studies.dictionaries_mcs import chance_mcs, histogram
 
 TOP_RECURRING = 20  # the "highest-MCS features" searched for the first-sentence feature
 OUTLIER_FACTOR = 10  # decoder share on the outlier dims, x the uniform share, that counts as aligned
 FIRST_FACTOR = 2  # activation share on the first positions, x the uniform share, that counts as early
 DEPENDS = 0.1  # a deletion that moves the activation by 10% of its value counts as a dependence
+# Seed MCS this far above chance at some width means the seeds found shared features; below
+# it at every width, recurrence (claims 1 and 2) cannot be read: the dictionaries have not
+# converged to anything two seeds agree on (train on more tokens).
+ABOVE_CHANCE = 0.1
 
 
 def _p(points) -> list[dict]:
     return [p if isinstance(p, dict) else p._asdict() for p in points]
 
 
-def summarize(cfg, points, feat, evals: dict, mcs, acts: dict, ablation: dict) -> dict:
-    """Every number the report shows, and the claims' verdicts (JSON-ready)."""
+def summarize(cfg, points, feat, evals: dict, mcs, acts: dict, ablation: dict,
+              d_model: int) -> dict:
+    """Every number the report shows, and the claims' verdicts (JSON-ready); d_model is the
+    site's width (the dictionaries' rows live there)."""
     grid = [p for p in _p(points) if p["role"] == "grid"]
     metrics = evals["metrics"]
     rows = [{**p, **{k: metrics[p["label"]].get(k) for k in ("l0", "fvu", "loss_recovered", "delta_ce")}}
@@ -59,6 +65,8 @@ def summarize(cfg, points, feat, evals: dict, mcs, acts: dict, ablation: dict) -
             pairs = [(index[a["label"]], index[b["label"]]) for a in seeds for b in seeds if a is not b]
             entry = {"sparsity": s, "width_mult": w}
             if pairs:
+                F = len(mcs.max_cos[pairs[0]])
+                entry["chance_mcs"] = chance_mcs(F, F, d_model)
                 entry["seed_mcs"] = float(np.mean([mcs.mcs[i, j] for i, j in pairs]))
                 entry["seed_recurring"] = float(np.mean(
                     [(mcs.max_cos[(i, j)] >= thr).sum() for i, j in pairs]))
@@ -83,16 +91,30 @@ def summarize(cfg, points, feat, evals: dict, mcs, acts: dict, ablation: dict) -
             "definitions": {**evals.get("definitions", {}),
                             "seed_mcs": "MCS between the dictionaries of one width and sparsity "
                                         "trained from different seeds (mean over ordered pairs)",
+                            "chance_mcs": "MCS between two dictionaries of random unit rows of "
+                                          "the same sizes: what unrelated dictionaries reach",
                             "seed_recurring": f"features of a dictionary whose max cosine with the "
                                               f"other seed's dictionary is >= {thr}",
                             "in_larger": f"share of a dictionary's features whose max cosine in a "
                                          f"larger dictionary (same sparsity, first seed) is >= {thr}"}}
 
 
+def _unconverged(by_width: list[dict], s: float) -> str | None:
+    """Why recurrence cannot be read at sparsity s (seed MCS near chance at every width), or None."""
+    rows = [e for e in by_width if e["sparsity"] == s and "seed_mcs" in e]
+    if not rows or any(e["seed_mcs"] >= e["chance_mcs"] + ABOVE_CHANCE for e in rows):
+        return None
+    per = "; ".join(f"{e['width_mult']}x: {e['seed_mcs']:.3f} vs {e['chance_mcs']:.3f}" for e in rows)
+    return (f"Dictionaries trained from different seeds are no closer than random "
+            f"ones (seed MCS vs chance, {per}; less than {ABOVE_CHANCE} above chance at every "
+            f"width), so which features recur is noise here; train on more --tokens. ")
+
+
 def _claims(cfg, feat, by_width: list[dict], acts: dict, ablation: dict) -> list[dict]:
     claims = []
     # 1. larger dictionaries learn more features
     s = feat.sparsity
+    noise = _unconverged(by_width, s)
     if cfg.seeds > 1 and len(cfg.widths) > 1:
         counts = {e["width_mult"]: e["seed_recurring"] for e in by_width if e["sparsity"] == s}
         ws = sorted(counts)
@@ -104,8 +126,8 @@ def _claims(cfg, feat, by_width: list[dict], acts: dict, ablation: dict) -> list
                 [e for e in others if e["sparsity"] == s2], [e for e in others if e["sparsity"] == s2][1:]))
             for s2 in {e["sparsity"] for e in others})
         claims.append({"claim": "larger dictionaries learn progressively more features (by MCS)",
-                       "holds": rising,
-                       "evidence": f"features found again by another seed (max cos >= "
+                       "holds": None if noise else rising,
+                       "evidence": (noise or "") + f"features found again by another seed (max cos >= "
                                    f"{cfg.recur_threshold}) at {cfg.arch} {_sp(cfg)} {s:g}: {per}"
                                    f"; rising at every sparsity: {'yes' if all_rising else 'no'}"})
     else:
@@ -133,7 +155,7 @@ def _claims(cfg, feat, by_width: list[dict], acts: dict, ablation: dict) -> list
            + (", ".join(f"#{r['feature']}" for r in hits) if hits else "none") + ".")
     claims.append({"claim": "the highest-MCS features include a 'beginning of the first sentence' "
                             "feature aligned with the high-norm outlier dimensions",
-                   "holds": bool(hits), "evidence": ev})
+                   "holds": None if noise else bool(hits), "evidence": (noise or "") + ev})
     # 3. features beyond the embedding depend on earlier tokens
     per_feature = []
     for label, feats in ablation.items():
@@ -302,7 +324,7 @@ def render(result: dict, figs: Mapping[str, bytes], indexes: Mapping[str, Path],
                       f"{cfg['seeds']} seed(s), {cfg['context']}-token contexts, {cfg['tokens']:,} "
                       f"training tokens, all trained from one stream pass.")]
     claims = [[c["claim"], Markup("<b>holds</b>") if c["holds"] else
-               (Markup("not testable") if c["holds"] is None else Markup("<b>does not hold</b>")),
+               (Markup("inconclusive") if c["holds"] is None else Markup("<b>does not hold</b>")),
                c["evidence"]] for c in res["claims"]]
     body.append(section("The original's claims, on this model", table(claims, ["claim", "here", "numbers"])))
 
