@@ -234,6 +234,18 @@ def _nan_as_text(obj):
     return "nan" if isinstance(obj, float) and obj != obj else obj
 
 
+def same(a, b) -> bool:
+    """Equal tables, floats to 1e-5: an index built in the killed child process and one built
+    here may differ in the last bits (the ablated text's batched forwards)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-5, abs=1e-7)
+    return a == b
+
+
 def tables(folder: Path) -> dict:
     """The contents of an index (tables and summary), and proof that it is one build."""
     idx = FeatureIndex.open(folder)
@@ -280,10 +292,11 @@ def test_features_rebuild_killed_shows_old_or_new_never_a_mixture(lm, feats, fea
     (tmp_path / "tiny" / "notes.txt").write_text("mine")
     killed(fault, build, lm, sae, tmp_path, b)
     after_kill = tables(tmp_path / "tiny")
-    assert after_kill == (ref_b if fault.startswith("folder-switched") else ref_a)
+    assert same(after_kill, ref_b if fault.startswith("folder-switched") else ref_a)
+    assert not same(ref_a, ref_b)
     assert any(p.name.startswith(".tiny.") for p in tmp_path.iterdir())  # the kill's leftover
     build(lm, sae, tmp_path, b)
-    assert tables(tmp_path / "tiny") == ref_b
+    assert same(tables(tmp_path / "tiny"), ref_b)
     assert (tmp_path / "tiny" / "notes.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert (tmp_path / "tiny" / "dashboard.html").is_file()
