@@ -17,7 +17,9 @@ is computed here, by one function, from each method's exported weights on a
 held-out batch.
 
 saelab: `SAEObjective.train_step` on the device, compute dtype `--dtype` (bf16
-by default on CUDA), fp32 master weights, its own recipe (Adam, lr 8·2e-4/sqrt(F/2^14)).
+by default on CUDA), fp32 master weights, its own recipe (Adam, lr 8·2e-4/sqrt(F/2^14)),
+sparse kernels `--kernel` (auto: on CUDA both paths are timed on the shape and the
+faster kept, as `saelab train` does; the row records both times).
 sparsify: its `SparseCoder` with its Triton decoder on CUDA, bf16 autocast on
 CUDA, Adam at its 2e-4/sqrt(F/2^14) with linear warm-up/decay (or its default
 signum with `--sparsify-optimizer signum`), run by bench/gpu_train_sparsify_worker.py
@@ -50,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import machine, table  # noqa: E402
 from saelab.train.config import SAESpec, TrainConfig  # noqa: E402
+from saelab.train.kernels import choose_kernel  # noqa: E402
 from saelab.train.objective import SAEObjective  # noqa: E402
 
 SPARSIFY_PYTHON = ROOT / "bench" / ".venv-sparsify" / "bin" / "python"
@@ -107,7 +110,9 @@ def run_saelab(data: torch.Tensor, held: torch.Tensor, shape, args, device) -> d
     spec = SAESpec("bench", "topk", width, k=k)
     cfg = TrainConfig(saes=(spec,), tokens=steps * batch, batch_size=batch, dtype=args.dtype,
                       checkpoint_every=0)
-    obj = SAEObjective(spec, d, cfg, _dtype(args.dtype, device), {}, device=device)
+    kernel = choose_kernel(args.kernel, device, d, width, k, batch)
+    obj = SAEObjective(spec, d, cfg, _dtype(args.dtype, device), {}, device=device,
+                       kernel=kernel.name)
     times = []
     for i in range(steps):
         x = data[i * batch:(i + 1) * batch]
@@ -120,7 +125,8 @@ def run_saelab(data: torch.Tensor, held: torch.Tensor, shape, args, device) -> d
     train_stats = obj.read_stats()
     sae = obj.export({})
     w = {n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    return {"method": "saelab", "dtype": str(obj.cdt).removeprefix("torch."), **rates(times, batch),
+    return {"method": "saelab", "dtype": str(obj.cdt).removeprefix("torch."),
+            "kernel": kernel.record(), **rates(times, batch),
             "heldout": heldout_fvu(w, held, k), "train_fvu_last_window": train_stats["fvu"]}
 
 
@@ -223,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=50, help="timed steps per method")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--methods", default="saelab,sparsify")
+    ap.add_argument("--kernel", choices=("auto", "torch", "triton"), default="auto",
+                    help="saelab's sparse kernels (auto: on CUDA the faster of the two, timed)")
     ap.add_argument("--sparsify-optimizer", choices=("adam", "signum"), default="adam")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -259,12 +267,14 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         payload["rows"] = kernel_rows(args, device)
         cells = [{"shape": row["shape"], "method": r["method"],
+                  "kernel": (r.get("kernel") or {}).get("name", ""),
                   "tok/s median": r.get("tokens_per_s_median"),
                   "tok/s best": r.get("tokens_per_s_best"),
                   "held-out FVU": r["heldout"]["fvu"] if "heldout" in r
                   else (r.get("skipped") or r.get("error", ""))[:60]}
                  for row in payload["rows"] for r in row["results"]]
-        print(table(cells, ["shape", "method", "tok/s median", "tok/s best", "held-out FVU"]))
+        print(table(cells, ["shape", "method", "kernel", "tok/s median", "tok/s best",
+                            "held-out FVU"]))
     payload["machine"]["load_after"] = os.getloadavg()
     out = args.out or ROOT / "bench" / "results" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

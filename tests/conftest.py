@@ -1,9 +1,14 @@
 import os
 
 import pytest
+import torch
 
 # Tests share one model cache so the embedded model is dequantized once per machine.
 os.environ.setdefault("SAELAB_CACHE", os.path.expanduser("~/.cache/saelab"))
+# Without a GPU, the Triton kernels run under Triton's interpreter on CPU tensors
+# (tests/test_triton_kernels.py). Triton reads this when it is first imported, so here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,7 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Learning rate (default depends on arch, width).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
     dtype: Annotated[str, typer.Option(help="SAE compute dtype: auto, float32, bfloat16.")] = "auto",
+    kernel: Annotated[str, typer.Option(help="Sparse kernels of the top-k family: auto (on CUDA the faster of torch and triton, timed on each SAE's shape), torch, triton.")] = "auto",
     checkpoint_every: Annotated[int, typer.Option(help="Tokens between checkpoints (0: only at the end).")] = 500_000,
     deterministic: Annotated[bool, typer.Option(help="Deterministic kernels (exact resume).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
@@ -93,7 +94,7 @@ def train(
                       for kk in (_ints(k, "k") if arch in TOPK_ARCHS
                                  else [min(32, w)]))
         return TrainConfig(saes=specs, tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
-                           dtype=dtype, checkpoint_every=checkpoint_every,
+                           dtype=dtype, kernel=kernel, checkpoint_every=checkpoint_every,
                            deterministic=deterministic, buffer_tokens=buffer_tokens,
                            log_every=log_every, chunk_contexts=forward_batch if forward_batch is not None
                            else (256 if device.startswith("cuda") and cache is None else 16))

@@ -145,6 +145,8 @@ class TrainConfig:
     """Initial JumpReLU threshold θ (on unit-mean-squared-norm inputs)."""
     dtype: str = "auto"
     """Compute dtype of the SAE matmuls (master weights stay fp32)."""
+    kernel: str = "auto"
+    """Path of the top-k family's sparse products: auto, torch or triton (train/kernels.py)."""
     seed: int = 0
     """Seeds initialisation and data order."""
     checkpoint_every: int = 500_000
@@ -194,6 +196,7 @@ class TrainConfig:
         number("jumprelu_bandwidth", self.jumprelu_bandwidth, low=0, low_open=True)
         number("jumprelu_init_threshold", self.jumprelu_init_threshold, low=0)
         integer("seed", self.seed, low=0, high=MAX_SEED)
+        choice("kernel", self.kernel, ("auto", "torch", "triton"))
         if isinstance(self.dtype, str):  # a torch.dtype is taken as given
             choice("dtype", self.dtype, ("auto", *DTYPES))
         # 0 means only at the end; a negative count would checkpoint every step.

@@ -31,6 +31,7 @@ import math
 import torch
 from torch import Tensor
 
+from saelab.malloc import keep_freed_memory
 from saelab.sae.base import SAE, SAEConfig, build_sae
 from saelab.sae.jumprelu import JumpReLUFn, StepFn
 from saelab.sae.transcoder import TranscoderConfig, build_transcoder
@@ -62,9 +63,12 @@ class SAEObjective:
 
     def __init__(self, spec: SAESpec, d_in: int, cfg: TrainConfig, compute_dtype: torch.dtype,
                  metadata: dict, sync: Dist = SINGLE, device: str | torch.device = "cpu",
-                 d_out: int | None = None):
+                 d_out: int | None = None, kernel: str = "torch"):
         self.spec, self.cfg, self.cdt, self.sync = spec, cfg, compute_dtype, sync
+        self.kernel = kernel  # path of the sparse products: "torch" or "triton" (kernels.py)
         self.device = dev = torch.device(device)
+        if dev.type == "cpu":  # each step's temporaries reused, not page-faulted in (malloc.py)
+            keep_freed_memory()
         self.transcoder = spec.target is not None
         self.d_in, self.d_out = d_in, d_out or d_in
         # Initialised on the CPU from a CPU generator, then moved: the same initial
@@ -354,7 +358,7 @@ class SAEObjective:
                 self.batch_threshold = torch.where(bt > 0, 0.9 * bt + 0.1 * kth, kth)
         else:
             rows, cols, keep = topk_codes_masked(pre, self.spec.k)
-        codes = SparseCodes(rows, cols, pre.shape, check=False)
+        codes = SparseCodes(rows, cols, pre.shape, check=False, kernel=self.kernel)
         keep_f = keep.to(torch.float32)
         vals = SparseEncodeGrad.apply(xc.detach(), sae.W_enc, sae.b_enc, pre, codes,
                                       b_dec_in) * keep_f
@@ -370,7 +374,8 @@ class SAEObjective:
             k_aux = min(y.shape[1] // 2, self.spec.width)
             masked = pre.masked_fill(~dead, -torch.inf)
             arows, acols, akeep = topk_codes_masked(masked, k_aux)
-            acodes = SparseCodes(arows, acols, pre.shape, check=False)
+            acodes = SparseCodes(arows, acols, pre.shape, check=False,
+                                 kernel=self.kernel)
             avals = SparseEncodeGrad.apply(xc.detach(), sae.W_enc, sae.b_enc, pre, acodes,
                                            b_dec_in) * akeep.to(torch.float32)
             recon = SparseDecode.apply(acodes, avals, sae.W_dec)

@@ -1,4 +1,5 @@
-"""Sparse training kernels for the top-k family, in plain PyTorch.
+"""Sparse training kernels for the top-k family, in plain PyTorch (Triton kernels of
+the same products, for CUDA, are in triton_ops.py; `SparseCodes.kernel` picks).
 
 A TopK SAE keeps k of d_sae latents per token, so the gradient of the loss
 with respect to the pre-activations is zero everywhere else. Autograd does
@@ -59,10 +60,15 @@ def _segment_starts(sorted_ids: Tensor, n: int) -> Tensor:
     return torch.searchsorted(sorted_ids, torch.arange(n + 1, device=sorted_ids.device))
 
 
-def _segment_sum(index: Tensor, weight: Tensor, starts: Tensor, scale: Tensor) -> Tensor:
+def _segment_sum(index: Tensor, weight: Tensor, starts: Tensor, scale: Tensor,
+                 kernel: str = "torch") -> Tensor:
     """out[i] = Σ_j scale[j] · weight[index[j]] over segment i: a sparse-dense product
     with the segments as the sparse rows. embedding_bag reads each row of `weight`
-    in place (no [nnz, D] gather) and gives empty segments zero."""
+    in place (no [nnz, D] gather) and gives empty segments zero; `kernel="triton"`
+    runs triton_ops.segment_sum instead."""
+    if kernel == "triton":
+        from saelab.train import triton_ops
+        return triton_ops.segment_sum(index, weight, starts, scale)
     return F.embedding_bag(index, weight, starts, mode="sum", per_sample_weights=scale,
                            include_last_offset=True)
 
@@ -72,14 +78,16 @@ class SparseCodes:
     cols [nnz] (any order within a row), i.e. CSR with explicit rows.
 
     Built once per step and shared by both Functions, so the column sort (the
-    CSR of the transpose, needed by dW_enc and dW_dec) is done once.
+    CSR of the transpose, needed by dW_enc and dW_dec) is done once. `kernel` is
+    the path both Functions take: "torch" (plain PyTorch) or "triton" (triton_ops).
     """
 
-    def __init__(self, rows: Tensor, cols: Tensor, shape: tuple[int, int], check: bool = True):
+    def __init__(self, rows: Tensor, cols: Tensor, shape: tuple[int, int], check: bool = True,
+                 kernel: str = "torch"):
         # the order check reads a value back; training builds rows in order and skips it
         if check and rows.numel() > 1 and bool((rows[1:] < rows[:-1]).any()):
             raise ValueError("SparseCodes: rows must be in ascending order")
-        self.rows, self.cols, self.shape = rows, cols, shape
+        self.rows, self.cols, self.shape, self.kernel = rows, cols, shape, kernel
         self.row_starts = _segment_starts(rows, shape[0])
 
     @cached_property
@@ -92,6 +100,9 @@ class SparseCodes:
     def sampled_dot(self, a: Tensor, b: Tensor) -> Tensor:
         """⟨a[rows[j]], b[cols[j]]⟩ for each entry j, without gathering [nnz, D] rows:
         sampled_addmm computes (a · bᵀ) only at the CSR pattern."""
+        if self.kernel == "triton":
+            from saelab.train import triton_ops
+            return triton_ops.sampled_dot(self.row_starts, self.cols, a, b)
         if a.device.type != "cpu":  # sampled_addmm is measured and tested on CPU only
             # (cuSPARSE's SDDMM may want sorted columns per row): gathers there
             return gather_dot(self.rows, self.cols, a, b)
@@ -144,7 +155,8 @@ class SparseEncodeGrad(torch.autograd.Function):
         grad_W_enc = grad_b_enc = grad_b_dec = None
         if ctx.needs_input_grad[1]:  # (Gᵀ · xc)ᵀ, Gᵀ's rows being the columns of G
             perm, rows_by_col, col_starts = codes.by_col
-            grad_W_enc = _segment_sum(rows_by_col, xc, col_starts, grad_vals.to(xc.dtype)[perm]).T
+            grad_W_enc = _segment_sum(rows_by_col, xc, col_starts, grad_vals.to(xc.dtype)[perm],
+                                      codes.kernel).T
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[5]:  # Σ_n G[n]
             grad_b_enc = torch.zeros(codes.shape[1], dtype=grad_vals.dtype,
                                      device=grad_vals.device)
@@ -164,7 +176,8 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx, codes, vals, W_dec):
         ctx.save_for_backward(vals, W_dec)
         ctx.codes = codes
-        return _segment_sum(codes.cols, W_dec, codes.row_starts, vals.to(W_dec.dtype))
+        return _segment_sum(codes.cols, W_dec, codes.row_starts, vals.to(W_dec.dtype),
+                            codes.kernel)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -177,7 +190,7 @@ class SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[2]:  # Sᵀ · dx̂
             perm, rows_by_col, col_starts = codes.by_col
             grad_W_dec = _segment_sum(rows_by_col, grad_out, col_starts,
-                                      vals[perm].to(grad_out.dtype))
+                                      vals[perm].to(grad_out.dtype), codes.kernel)
         return None, grad_vals, grad_W_dec
 
 

@@ -20,7 +20,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from saelab.train.checkpoint import (
 )
 from saelab.train.config import TrainConfig
 from saelab.train.distributed import SINGLE, Dist
+from saelab.train.kernels import choose_kernel
 from saelab.train.objective import TOPK_FAMILY, SAEObjective
 
 
@@ -193,16 +194,14 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
     groups = plan_groups(cfg, mine, widths, budget, cdt, buffer_dtype.itemsize, local_batch)
     if resume:  # a resumed run keeps its groups, whatever memory is free now
         groups = _previous_groups(out, mine) or groups
-    kernel = {True: ("sparse top-k: embedding_bag decode, "
-                     + ("sampled_addmm" if dev.type == "cpu" else "gathered dot")
-                     + " code gradients"), False: "dense autograd"}
+    kernels = _choose_kernels(cfg, mine, widths, dev, local_batch, out if resume else None)
     # through JSON once, so tuples become lists and compare equal to a re-read record
     run_record = {"config": json.loads(json.dumps(cfg.to_dict())),
                   "data": identity, "streaming": streaming,
                   "cache": None if streaming else str(data),
                   "save_cache": str(data.save_cache) if streaming and data.save_cache else None,
                   "device": str(dev), "compute_dtype": dtype_name(cdt),
-                  "kernel": {s.label: kernel[s.arch in TOPK_FAMILY] for s in mine},
+                  "kernel": kernels,
                   "buffer": {"tokens_per_site": cfg.buffer_tokens,
                              "dtype": dtype_name(buffer_dtype), "device": str(dev),
                              "chunk_contexts": cfg.chunk_contexts},
@@ -248,7 +247,9 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
         specs = [mine[i] for i in groups[g]]
         objectives = [SAEObjective(s, widths[s.site], cfg, cdt,
                                    _metadata(s, provenance, cfg), sync=sync, device=dev,
-                                   d_out=widths[s.target] if s.target else None)
+                                   d_out=widths[s.target] if s.target else None,
+                                   kernel=kernels[s.label]["name"] if s.arch in TOPK_FAMILY
+                                   else "torch")
                       for s in specs]
         sites = list(dict.fromkeys(s.key for s in specs))  # buffer keys (pairs for transcoders)
         stream = _open_stream(data, corpus, cfg, sites, dev, buffer_dtype, local_batch, split,
@@ -345,6 +346,29 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
     dist.barrier()
     rate = trained_steps * cfg.batch_size / max(time.perf_counter() - started, 1e-9)
     return TrainResult(out, sae_dirs, final, rate, labels)
+
+
+def _choose_kernels(cfg: TrainConfig, mine: list, widths: dict, dev: torch.device, batch: int,
+                    previous: Path | None) -> dict[str, dict]:
+    """Per SAE: the path of its sparse products (kernels.py), chosen once per shape; a
+    resumed run keeps the choice its run.json records (the timing may differ now)."""
+    path = previous / "run.json" if previous is not None else None
+    old = (read_run_record(path).get("kernel") or {}) if path and path.is_file() else {}
+    chosen: dict[str, dict] = {}
+    by_shape: dict[tuple, dict] = {}
+    for s in mine:
+        if s.arch not in TOPK_FAMILY:
+            chosen[s.label] = {"name": "dense autograd"}
+            continue
+        prev = old.get(s.label)
+        if isinstance(prev, dict) and prev.get("name") in ("torch", "triton"):
+            chosen[s.label] = prev
+            continue
+        shape = (widths[s.site], s.width, s.k)  # a transcoder's d_out is timed as d_in
+        if shape not in by_shape:
+            by_shape[shape] = choose_kernel(cfg.kernel, dev, *shape, batch).record()
+        chosen[s.label] = by_shape[shape]
+    return chosen
 
 
 def _previous_groups(out: Path, mine: list) -> list[list[int]] | None:
@@ -465,8 +489,10 @@ def _check_resume(out: Path, record: dict, resume: bool) -> None:
     if not resume:
         raise SaelabError(f"{out} already holds a training run. Resume it with --resume, "
                           "or choose another --out.")
-    diff = [f"{k}: was {old['config'].get(k)!r}, now {record['config'].get(k)!r}"
-            for k in record["config"] if old["config"].get(k) != record["config"].get(k)]
+    # a setting added since the old run was made had its default then
+    was = {f.name: f.default for f in fields(TrainConfig)} | old["config"]
+    diff = [f"{k}: was {was.get(k)!r}, now {record['config'].get(k)!r}"
+            for k in record["config"] if was.get(k) != record["config"].get(k)]
     old_data, new_data = old.get("data") or {}, record["data"]
     diff += [f"data {k}: was {old_data.get(k)!r}, now {new_data.get(k)!r}"
              for k in sorted(set(old_data) | set(new_data)) if old_data.get(k) != new_data.get(k)]
