@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from saelab.errors import BadValueError  # noqa: E402
 from saelab.train import triton_ops  # noqa: E402
 from saelab.train.config import SAESpec, TrainConfig  # noqa: E402
-from saelab.train.kernels import choose_kernel  # noqa: E402
+from saelab.train.kernels import choose_kernel, time_both  # noqa: E402
 from saelab.train.objective import SAEObjective  # noqa: E402
 from saelab.train.sparse_ops import (  # noqa: E402
     SparseCodes,
@@ -135,6 +135,29 @@ def test_auto_keeps_the_plain_path_on_the_cpu_and_triton_needs_a_gpu(monkeypatch
         choose_kernel("triton", torch.device("cpu"), 16, 64, 4, 128)
     with pytest.raises(BadValueError, match="auto, torch, triton"):
         choose_kernel("fast", torch.device("cpu"), 16, 64, 4, 128)
+
+
+def test_auto_times_both_paths_and_falls_back_when_triton_fails_or_disagrees(dev, monkeypatch):
+    """The choice `auto` makes on CUDA, run where the kernels run (the interpreter on CI)."""
+    choice = time_both(dev, 16, 64, 4, 32)
+    assert choice.why == "faster on this shape" and choice.name in ("torch", "triton")
+    assert set(choice.ms) == {"torch", "triton"} and min(choice.ms.values()) > 0
+
+    def broken(*args):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(triton_ops, "segment_sum", broken)
+    with pytest.warns(UserWarning, match="failed"):
+        choice = time_both(dev, 16, 64, 4, 32)
+    assert (choice.name, choice.why) == ("torch", "triton failed: RuntimeError")
+
+    def wrong(index, weight, starts, scale):
+        return _segment_sum(index, weight, starts, scale) * 1.01
+
+    monkeypatch.setattr(triton_ops, "segment_sum", wrong)
+    with pytest.warns(UserWarning, match="disagree"):
+        choice = time_both(dev, 16, 64, 4, 32)
+    assert choice.name == "torch" and choice.why.startswith("triton disagreed")
 
 
 @CUDA

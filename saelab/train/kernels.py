@@ -60,6 +60,12 @@ def choose_kernel(requested: str, device: torch.device, d_in: int, width: int, k
     if device.type != "cuda" or not can:
         why = "plain path on the CPU" if device.type != "cuda" else "triton is not installed"
         return KernelChoice("torch", why)
+    return time_both(device, d_in, width, k, batch)
+
+
+def time_both(device: torch.device, d_in: int, width: int, k: int, batch: int) -> KernelChoice:
+    """`auto` on a device where Triton runs: both paths timed on this shape, compared, and
+    the faster kept; the plain path where Triton fails or disagrees (with a warning)."""
     try:
         t_plain, ref = _time_path("torch", device, d_in, width, k, batch)
         t_triton, got = _time_path("triton", device, d_in, width, k, batch)
