@@ -138,8 +138,9 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 def run_sparsify(data_file: Path, held: torch.Tensor, shape, args, device, tmp: Path) -> dict:
     d, width, k, batch = shape
-    if not SPARSIFY_PYTHON.exists():
-        return {"method": "sparsify", "skipped": f"{SPARSIFY_PYTHON} is missing (make bench venvs)"}
+    python = Path(args.sparsify_python) if args.sparsify_python else SPARSIFY_PYTHON
+    if not python.exists():
+        return {"method": "sparsify", "skipped": f"{python} is missing (make bench-peers)"}
     job = {"data": str(data_file), "batch": batch, "steps": args.warmup + args.steps,
            "warmup_untimed": args.warmup, "width": width, "k": k, "device": str(device),
            "optimizer": args.sparsify_optimizer, "out": str(tmp / "sparsify.safetensors")}
@@ -147,7 +148,7 @@ def run_sparsify(data_file: Path, held: torch.Tensor, shape, args, device, tmp: 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if device.type != "cuda":
         env["SPARSIFY_DISABLE_TRITON"] = "1"
-    done = subprocess.run([str(SPARSIFY_PYTHON), str(ROOT / "bench" / "gpu_train_sparsify_worker.py"),
+    done = subprocess.run([str(python), str(ROOT / "bench" / "gpu_train_sparsify_worker.py"),
                            str(tmp / "job.json")], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"method": "sparsify", "error": done.stderr[-2000:]}
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", default="saelab,sparsify")
     ap.add_argument("--kernel", choices=("auto", "torch", "triton"), default="auto",
                     help="saelab's sparse kernels (auto: on CUDA the faster of the two, timed)")
+    ap.add_argument("--sparsify-python", default="",
+                    help="a Python that imports sparsify (default bench/.venv-sparsify's)")
     ap.add_argument("--sparsify-optimizer", choices=("adam", "signum"), default="adam")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
