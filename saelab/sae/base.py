@@ -374,8 +374,11 @@ class SAE(nn.Module):
         if g is None:
             return
         w = self.W_dec
-        coef = (g * w).sum(dim=1) / (w * w).sum(dim=1).clamp_min(torch.finfo(w.dtype).tiny)
-        g.sub_(coef[:, None] * w)
+        # vecdot and addcmul_: three passes over [d_sae, d_in] and no temporaries (a
+        # training step's cost on a CPU; was six passes and three temporaries)
+        coef = torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(
+            torch.finfo(w.dtype).tiny)
+        g.addcmul_(coef[:, None], w, value=-1)
 
     @torch.no_grad()
     def fold_scale_(self, scale: float | Tensor) -> None:
