@@ -52,6 +52,7 @@ from saelab.interventions.edits import (
     edit_mask,
     feature_index,
 )
+from saelab.interventions.mlp_patch import PatchMLPs
 from saelab.models.hooks import PatchContext, patch
 from saelab.models.sites import Architecture, describe, resolve_sites, site_width
 
@@ -262,7 +263,7 @@ def splice(lm_or_model: Any, saes: SAEs, *, keep_error: bool = True, detach_erro
                   record=record, record_grad=record_grad, frame=frame, arch=arch)
 
 
-class ReplaceMLPs:
+class ReplaceMLPs(PatchMLPs):
     """Context manager: each MLP of `transcoders` ({layer: Transcoder}) replaced by its
     transcoder, in the same forward: ``mlp_out.L <- tc(mlp_in.L)`` (decode + skip; the
     input is the transcoder's own site, mlp_in.L as a rule), where the input is this
@@ -295,32 +296,14 @@ class ReplaceMLPs:
         self.where, self.keep_error, self.record = where, keep_error, record
         self.feats: dict[int, Tensor] = {}
         self.outputs: dict[int, Tensor] = {}
-        self._inputs: dict[int, Tensor] = {}
-        self._patch: Any = None
-
-    def __enter__(self) -> ReplaceMLPs:
-        fns = {}
-        for layer in self.tcs:
-            fns[self._in_sites[layer]] = self._stash(layer)
-            fns[f"mlp_out.{layer}"] = self._replace(layer)
-        self._patch = patch(self.model, fns, arch=self.arch)
-        self._patch.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._patch.__exit__(*exc)
-        self._inputs.clear()
-
-    def _stash(self, layer: int):
-        def fn(x: Tensor, ctx: PatchContext) -> None:
-            self._inputs[layer] = x
-        return fn
+        super().__init__(self.model, self.arch,
+                         {layer: (self._in_sites[layer], self._replace(layer)) for layer in self.tcs})
 
     def _replace(self, layer: int):
         tc = self.tcs[layer]
 
-        def fn(y: Tensor, ctx: PatchContext) -> Tensor:
-            out = tc(self._inputs.pop(layer))
+        def fn(x: Tensor, y: Tensor, ctx: PatchContext) -> Tensor:
+            out = tc(x)
             pred = out.output.to(y.dtype)
             if self.record:
                 self.feats[layer], self.outputs[layer] = out.feats, pred

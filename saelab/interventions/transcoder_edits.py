@@ -37,7 +37,8 @@ from saelab.interventions.edits import (
     edit_mask,
     feature_index,
 )
-from saelab.models.hooks import PatchContext, patch
+from saelab.interventions.mlp_patch import PatchMLPs
+from saelab.models.hooks import PatchContext
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class TranscoderEdit:
         return FeatureEdit(self.features, self.mode, self.value, self.positions, None, self.rows)
 
 
-class EditTranscoders:
+class EditTranscoders(PatchMLPs):
     """Context manager: `edits` applied at each edited layer's MLP output (module docstring)."""
 
     def __init__(self, lm_or_model: Any, transcoders: Mapping[int, Any],
@@ -82,34 +83,13 @@ class EditTranscoders:
             self.tcs[edit.layer] = tc
             self.in_sites[edit.layer] = one_site(self.arch, tc.site or f"mlp_in.{edit.layer}",
                                                  "a transcoder's site")
-        self._inputs: dict[int, Tensor] = {}
-        self._patch: Any = None
-
-    def __enter__(self) -> EditTranscoders:
-        fns: dict[str, Any] = {}
-        for layer in self.edits:
-            fns[self.in_sites[layer]] = self._stash(layer)
-            fns[f"mlp_out.{layer}"] = self._edit(layer)
-        if fns:
-            self._patch = patch(self.model, fns, arch=self.arch)
-            self._patch.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._patch is not None:
-            self._patch.__exit__(*exc)
-        self._inputs.clear()
-
-    def _stash(self, layer: int):
-        def fn(x: Tensor, ctx: PatchContext) -> None:
-            self._inputs[layer] = x
-        return fn
+        super().__init__(self.model, self.arch,
+                         {layer: (self.in_sites[layer], self._edit(layer)) for layer in self.edits})
 
     def _edit(self, layer: int):
         tc, edits = self.tcs[layer], self.edits[layer]
 
-        def fn(y: Tensor, ctx: PatchContext) -> Tensor | None:
-            x = self._inputs.pop(layer)
+        def fn(x: Tensor, y: Tensor, ctx: PatchContext) -> Tensor | None:
             masks = [edit_mask(e, ctx, self.frame, y.shape[0]) for e in edits]
             live = [(e, m) for e, m in zip(edits, masks, strict=True) if bool(m.any())]
             if not live:
