@@ -299,26 +299,3 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_clean(v) for v in obj]
     return obj
-
-
-def _eval_metrics(index: FeatureIndex) -> dict | None:
-    """`saelab eval`'s metrics when the SAE folder has an eval/eval.json next to it."""
-    path = index.meta["sae"].get("path")
-    if not path:
-        return None
-    candidate = Path(path) / "eval" / "eval.json"
-    try:
-        return json.loads(candidate.read_text()).get("metrics") if candidate.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _clean(obj: Any) -> Any:
-    """NaN/inf (not JSON) become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return obj
