@@ -22,6 +22,7 @@ import torch
 
 from saelab.errors import BadValueError
 from saelab.train import triton_ops
+from saelab.train.objective import TOPK_FAMILY
 from saelab.train.sparse_ops import SparseCodes, SparseDecode, SparseEncodeGrad, topk_codes_masked
 
 KERNELS = ("auto", "torch", "triton")
@@ -82,6 +83,28 @@ def time_both(device: torch.device, d_in: int, width: int, k: int, batch: int) -
         return KernelChoice("torch", f"triton disagreed ({worst:.2g})", ms)
     name = "triton" if t_triton < t_plain else "torch"
     return KernelChoice(name, "faster on this shape", ms)
+
+
+def choose_kernels(requested: str, specs: list, widths: dict[str, int], device: torch.device,
+                   batch: int, previous: dict | None = None) -> dict[str, dict]:
+    """Per SAE label (specs: SAESpec), the path of its sparse products, chosen once per
+    shape; `previous` (a run.json's `kernel`) keeps a resumed run's recorded choice, since
+    the timing may come out otherwise now. Dense architectures: "dense autograd"."""
+    chosen: dict[str, dict] = {}
+    by_shape: dict[tuple, dict] = {}
+    for s in specs:
+        if s.arch not in TOPK_FAMILY:
+            chosen[s.label] = {"name": "dense autograd"}
+            continue
+        prev = (previous or {}).get(s.label)
+        if isinstance(prev, dict) and prev.get("name") in ("torch", "triton"):
+            chosen[s.label] = prev
+            continue
+        shape = (widths[s.site], s.width, s.k)  # a transcoder's d_out is timed as d_in
+        if shape not in by_shape:
+            by_shape[shape] = choose_kernel(requested, device, *shape, batch).record()
+        chosen[s.label] = by_shape[shape]
+    return chosen
 
 
 def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:

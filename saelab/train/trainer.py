@@ -38,7 +38,7 @@ from saelab.train.checkpoint import (
 )
 from saelab.train.config import TrainConfig
 from saelab.train.distributed import SINGLE, Dist
-from saelab.train.kernels import choose_kernel
+from saelab.train.kernels import choose_kernels
 from saelab.train.objective import TOPK_FAMILY, SAEObjective
 
 
@@ -194,7 +194,8 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
     groups = plan_groups(cfg, mine, widths, budget, cdt, buffer_dtype.itemsize, local_batch)
     if resume:  # a resumed run keeps its groups, whatever memory is free now
         groups = _previous_groups(out, mine) or groups
-    kernels = _choose_kernels(cfg, mine, widths, dev, local_batch, out if resume else None)
+    old_run = read_run_record(out / "run.json") if resume and (out / "run.json").is_file() else {}
+    kernels = choose_kernels(cfg.kernel, mine, widths, dev, local_batch, old_run.get("kernel"))
     # through JSON once, so tuples become lists and compare equal to a re-read record
     run_record = {"config": json.loads(json.dumps(cfg.to_dict())),
                   "data": identity, "streaming": streaming,
@@ -346,29 +347,6 @@ def train(cfg: TrainConfig, data: str | Path | Stream, out: str | Path, *, resum
     dist.barrier()
     rate = trained_steps * cfg.batch_size / max(time.perf_counter() - started, 1e-9)
     return TrainResult(out, sae_dirs, final, rate, labels)
-
-
-def _choose_kernels(cfg: TrainConfig, mine: list, widths: dict, dev: torch.device, batch: int,
-                    previous: Path | None) -> dict[str, dict]:
-    """Per SAE: the path of its sparse products (kernels.py), chosen once per shape; a
-    resumed run keeps the choice its run.json records (the timing may differ now)."""
-    path = previous / "run.json" if previous is not None else None
-    old = (read_run_record(path).get("kernel") or {}) if path and path.is_file() else {}
-    chosen: dict[str, dict] = {}
-    by_shape: dict[tuple, dict] = {}
-    for s in mine:
-        if s.arch not in TOPK_FAMILY:
-            chosen[s.label] = {"name": "dense autograd"}
-            continue
-        prev = old.get(s.label)
-        if isinstance(prev, dict) and prev.get("name") in ("torch", "triton"):
-            chosen[s.label] = prev
-            continue
-        shape = (widths[s.site], s.width, s.k)  # a transcoder's d_out is timed as d_in
-        if shape not in by_shape:
-            by_shape[shape] = choose_kernel(cfg.kernel, dev, *shape, batch).record()
-        chosen[s.label] = by_shape[shape]
-    return chosen
 
 
 def _previous_groups(out: Path, mine: list) -> list[list[int]] | None:
